@@ -1,0 +1,46 @@
+"""Shared test setup.
+
+* Without a CUDA device the Triton kernels run through Triton's CPU interpreter: ``TRITON_INTERPRET=1`` is
+  set here, before anything imports triton.
+* Every test starts from a fixed seed.
+* ``poison`` fills a fresh output buffer with NaN (floats) or −1 (integers) so unwritten elements fail.
+"""
+
+import os
+
+
+def _cuda_present() -> bool:
+    # Importing torch does not import triton; checking CUDA here is safe before the env var is set.
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if not _cuda_present():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` with a value no correct kernel writes: NaN for floats, −1 for integers."""
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    return t.fill_(-1)
+
+
+@pytest.fixture
+def poison():
+    return poison_

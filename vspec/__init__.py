@@ -1,0 +1,10 @@
+"""vspec: fused Triton kernels and a thin runtime for lossless speculative decoding of Video-LLMs.
+
+Public API: :mod:`vspec.ops` (the fused ops), :class:`SpecConfig`, :class:`SpecDecoder`, :func:`apply_vspec`.
+"""
+
+from . import ops
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "__version__"]
