@@ -1,0 +1,120 @@
+"""Capture post-RoPE q/k of chosen target layers during the prefill, without forking modeling files.
+
+A wrapper attention function is registered in transformers' ``AttentionInterface`` under ``"vspec_<impl>"``
+(with the mask function of ``<impl>`` registered in ``AttentionMaskInterface``, or left-padded rows would lose
+their causal mask). It calls the model's own attention function for the output, so logits are unchanged, and,
+while a :class:`ScoreCapture` is armed, feeds the layer's queries and keys to ``ops.visual_attention_mass``
+which accumulates the attention mass on each visual key. No attention map is materialised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import ops
+
+_ARMED: contextvars.ContextVar[ScoreCapture | None] = contextvars.ContextVar("vspec_capture", default=None)
+_REGISTERED: set[str] = set()
+
+
+@dataclass
+class ScoreCapture:
+    """Accumulates ``visual_attention_mass`` over the armed layers of one prefill.
+
+    visual_idx: ``[B, Nv]`` physical key positions of visual tokens (−1 padding); attention_mask: ``[B, S]``;
+    layers: layer indices to score (non-negative); query_rows: trailing query positions used as text queries.
+    """
+
+    visual_idx: torch.Tensor
+    attention_mask: torch.Tensor
+    layers: frozenset[int]
+    query_rows: int
+    normalize: str = "visual"
+    scores: torch.Tensor | None = None
+    layers_seen: list[int] = field(default_factory=list)
+
+    def record(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
+        if layer_idx not in self.layers:
+            return
+        if self.scores is None:
+            self.scores = torch.zeros(self.visual_idx.shape, dtype=torch.float32, device=query.device)
+        lq = min(self.query_rows, query.shape[2])
+        ops.visual_attention_mass(
+            query[:, :, -lq:], key, self.visual_idx, attention_mask=self.attention_mask,
+            normalize=self.normalize, out=self.scores,
+        )
+        self.layers_seen.append(layer_idx)
+
+    def result(self) -> torch.Tensor:
+        """Mean mass over the scored layers, ``[B, Nv]`` float32."""
+        if self.scores is None or not self.layers_seen:
+            raise RuntimeError("no layer was scored: the target's attention did not route through vspec's capture")
+        return self.scores / len(self.layers_seen)
+
+
+def _eager_function_of(module):
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise RuntimeError(f"cannot find eager_attention_forward for {type(module).__name__}")
+    return fn
+
+
+def _make_wrapper(base: str):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def vspec_attention(module, query, key, value, attention_mask, **kwargs):
+        cap = _ARMED.get()
+        if cap is not None:
+            cap.record(module.layer_idx, query, key)
+        fn = _eager_function_of(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+        return fn(module, query, key, value, attention_mask, **kwargs)
+
+    return vspec_attention
+
+
+def register(base: str) -> str:
+    """Register ``"vspec_<base>"`` wrapping attention implementation ``base``; returns the new name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    name = f"vspec_{base}"
+    if name in _REGISTERED:
+        return name
+    if base not in ALL_MASK_ATTENTION_FUNCTIONS:
+        raise ValueError(f"attention implementation {base!r} is not supported for score capture")
+    AttentionInterface.register(name, _make_wrapper(base))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    _REGISTERED.add(name)
+    return name
+
+
+def text_attn_implementation(model) -> str:
+    return model.config.get_text_config()._attn_implementation or "eager"
+
+
+@contextlib.contextmanager
+def capturing(model, capture: ScoreCapture):
+    """Route ``model``'s text layers through the capture wrapper and arm ``capture`` for the block."""
+    base = text_attn_implementation(model)
+    restore = base
+    if base.startswith("vspec_"):
+        base = base[len("vspec_"):]
+    name = register(base)
+    if model.config.get_text_config() is model.config:
+        model.set_attn_implementation(name)
+    else:
+        model.set_attn_implementation({"text_config": name})
+    token = _ARMED.set(capture)
+    try:
+        yield capture
+    finally:
+        _ARMED.reset(token)
+        if model.config.get_text_config() is model.config:
+            model.set_attn_implementation(restore)
+        else:
+            model.set_attn_implementation({"text_config": restore})

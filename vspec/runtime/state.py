@@ -1,0 +1,97 @@
+"""One model's decoding state: its KV cache, which physical slots are valid, and forward calls.
+
+Every forward appends the same number of physical slots to every batch row. Slots that do not hold a real token
+of that row — left padding, rejected speculative tokens, a row with fewer tokens to feed this round — are
+*holes*: ``valid`` is False there and the slot is passed as 0 in the 2-D attention mask, so no query ever
+attends to it. Logical positions are always passed explicitly, so holes never shift a token's position, and a
+batch row can accept a different number of tokens than its neighbours without moving any cache data.
+:meth:`compact_` squeezes holes out with ``ops.compact_kv_`` when they pile up.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from .models import ModelAdapter
+
+
+class ModelState:
+    """Cache + validity mask of one model for the active batch rows.
+
+    valid: ``[B, S]`` bool over the physical cache slots.
+    """
+
+    def __init__(self, model, adapter: ModelAdapter):
+        from transformers import DynamicCache
+
+        self.model = model
+        self.adapter = adapter
+        self.cache = DynamicCache(config=model.config)
+        self.valid: torch.Tensor | None = None
+        self.calls = 0
+
+    @property
+    def length(self) -> int:
+        return 0 if self.valid is None else self.valid.shape[1]
+
+    def forward(self, *, positions: torch.Tensor, new_valid: torch.Tensor, input_ids=None, inputs_embeds=None,
+                logits_to_keep: int = 0, **model_kwargs) -> torch.Tensor:
+        """Append ``n`` slots per row and return logits ``[B, n or logits_to_keep, V]``.
+
+        positions: ``[P, B, n]`` logical positions; new_valid: ``[B, n]`` bool.
+        """
+        self.valid = new_valid if self.valid is None else torch.cat([self.valid, new_valid], dim=1)
+        out = self.model(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            position_ids=self.adapter.model_position_ids(positions),
+            attention_mask=self.valid.long(),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            **model_kwargs,
+        )
+        self.calls += 1
+        return out.logits
+
+    def truncate(self, n: int) -> None:
+        """Roll the physical length back to ``n`` slots (a pointer move on every layer)."""
+        if n >= self.length:
+            return
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[..., :n, :]
+            layer.values = layer.values[..., :n, :]
+        self.valid = self.valid[:, :n]
+
+    def invalidate(self, start: torch.Tensor, stop: int) -> None:
+        """Mark slots ``[start[b], stop)`` of every row b as holes, then drop trailing all-hole slots."""
+        cols = torch.arange(self.length, device=self.valid.device)
+        self.valid &= ~((cols[None, :] >= start[:, None]) & (cols[None, :] < stop))
+        used = self.valid.any(dim=0).nonzero()
+        self.truncate(int(used.max()) + 1 if used.numel() else 0)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` (finished rows stop costing work)."""
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, rows)
+            layer.values = layer.values.index_select(0, rows)
+        self.valid = self.valid.index_select(0, rows)
+
+    def holes(self) -> int:
+        """Physical slots that the fullest row does not use."""
+        return self.length - int(self.valid.sum(dim=1).max())
+
+    def compact_(self) -> None:
+        """Move every row's valid slots to the front of its cache (one ``compact_kv_`` over all layers and k/v)."""
+        counts = self.valid.sum(dim=1)
+        k_max = int(counts.max())
+        order = torch.argsort((~self.valid).to(torch.int8), dim=1, stable=True)[:, :k_max]
+        keep = torch.arange(k_max, device=self.valid.device)[None, :] < counts[:, None]
+        src_idx = torch.where(keep, order, torch.full_like(order, -1))
+        kv = torch.stack([torch.stack([layer.keys, layer.values]) for layer in self.cache.layers])
+        ops.compact_kv_(kv, src_idx, 0)
+        for i, layer in enumerate(self.cache.layers):
+            layer.keys = kv[i, 0, :, :, :k_max].clone()
+            layer.values = kv[i, 1, :, :, :k_max].clone()
+        self.valid = keep

@@ -1,0 +1,311 @@
+"""Tiny Video-LLMs and matching inputs, for tests, demos and users' own experiments.
+
+Nothing here downloads anything: models are built from transformers configs with random weights (seeded),
+small enough to run ``generate`` in well under a second on a CPU. A *target* and a *draft* of one family share
+the vocabulary and every special-token id, as a real speculative pair must.
+
+    >>> from vspec.testing import tiny_pair, make_inputs
+    >>> target, draft = tiny_pair("qwen2_5_vl")
+    >>> inputs = make_inputs(target, batch_size=3, prompt_lens=[3, 7, 5])
+    >>> out = target.generate(**inputs, max_new_tokens=8, do_sample=False)
+
+Token ids (all families): ``PAD=0, BOS=1, EOS=2, VISION_START=3, VISION_END=4, IMAGE=5, VIDEO=6``; ordinary text
+tokens are ``FIRST_TEXT_ID .. vocab_size-1``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "SUPPORTED_FAMILIES",
+    "PAD_ID",
+    "BOS_ID",
+    "EOS_ID",
+    "VISION_START_ID",
+    "VISION_END_ID",
+    "IMAGE_ID",
+    "VIDEO_ID",
+    "FIRST_TEXT_ID",
+    "tiny_config",
+    "tiny_model",
+    "tiny_pair",
+    "make_inputs",
+    "visual_token_count",
+    "perturbed_copy",
+]
+
+PAD_ID, BOS_ID, EOS_ID, VISION_START_ID, VISION_END_ID, IMAGE_ID, VIDEO_ID = range(7)
+FIRST_TEXT_ID = 8
+
+SUPPORTED_FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava_onevision")
+
+# Sizes of the two roles. The draft is shallower and narrower, but shares vocabulary and token ids.
+_ROLE_SIZES = {
+    "target": dict(hidden_size=64, num_layers=3, heads=4, kv_heads=2, intermediate=128),
+    "draft": dict(hidden_size=32, num_layers=2, heads=2, kv_heads=1, intermediate=64),
+}
+
+
+def _check_family(model_type: str) -> str:
+    if model_type not in SUPPORTED_FAMILIES:
+        raise ValueError(f"model_type must be one of {SUPPORTED_FAMILIES}, got {model_type!r}")
+    return model_type
+
+
+def tiny_config(model_type: str = "qwen2_5_vl", *, role: str = "target", vocab_size: int = 1000, **sizes):
+    """A transformers config for a tiny model of ``model_type`` (one of :data:`SUPPORTED_FAMILIES`).
+
+    ``role`` picks default sizes (``"target"``: hidden 64, 3 layers, 4 heads / 2 kv heads; ``"draft"``: hidden
+    32, 2 layers, 2 heads / 1 kv head); ``sizes`` overrides ``hidden_size``, ``num_layers``, ``heads``,
+    ``kv_heads``, ``intermediate``. Qwen vision towers use 14-px patches, temporal patch 2 and 2×2 merge, like
+    the real models; LLaVA-OneVision uses a 28-px SigLIP with 7-px patches (16 patches, pooled to 4 tokens a
+    frame) and ``vision_feature_select_strategy="full"``.
+    """
+    _check_family(model_type)
+    if role not in _ROLE_SIZES:
+        raise ValueError(f"role must be 'target' or 'draft', got {role!r}")
+    unknown = set(sizes) - set(_ROLE_SIZES[role])
+    if unknown:
+        raise TypeError(f"unknown size overrides {sorted(unknown)}; known: {sorted(_ROLE_SIZES[role])}")
+    s = {**_ROLE_SIZES[role], **sizes}
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=s["hidden_size"],
+        intermediate_size=s["intermediate"],
+        num_hidden_layers=s["num_layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv_heads"],
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        tie_word_embeddings=False,
+    )
+    if model_type in ("qwen2_5_vl", "qwen2_vl"):
+        head_dim = s["hidden_size"] // s["heads"]
+        # M-RoPE sections (t, h, w) sum to head_dim / 2.
+        half = head_dim // 2
+        t_sec = half - 2 * (half // 4 + half // 8)
+        section = [t_sec, half // 4 + half // 8, half // 4 + half // 8]
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
+        ids = dict(
+            image_token_id=IMAGE_ID,
+            video_token_id=VIDEO_ID,
+            vision_start_token_id=VISION_START_ID,
+            vision_end_token_id=VISION_END_ID,
+        )
+        if model_type == "qwen2_5_vl":
+            from transformers import Qwen2_5_VLConfig
+
+            vision = dict(
+                depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1], out_hidden_size=s["hidden_size"],
+                tokens_per_second=2,
+            )
+            return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+        from transformers import Qwen2VLConfig
+
+        vision = dict(
+            depth=2, embed_dim=32, hidden_size=s["hidden_size"], mlp_ratio=2, num_heads=2, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2,
+        )
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+
+    from transformers import LlavaOnevisionConfig
+
+    text["model_type"] = "qwen2"
+    vision = dict(
+        model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, image_size=28, patch_size=7,
+    )
+    return LlavaOnevisionConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=IMAGE_ID,
+        video_token_index=VIDEO_ID,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=[[28, 28]],
+        tie_word_embeddings=False,
+    )
+
+
+def _model_class(model_type: str):
+    import transformers
+
+    return {
+        "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+        "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+        "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
+    }[model_type]
+
+
+def tiny_model(
+    model_type: str = "qwen2_5_vl",
+    *,
+    role: str = "target",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+    vocab_size: int = 1000,
+    **sizes,
+):
+    """A tiny randomly initialised model in eval mode (see :func:`tiny_config` for the sizes).
+
+    Weights are drawn from a private generator seeded with ``seed`` (the global RNG is left as it was), with a
+    larger-than-default init scale so the tiny model's logits are not all near-ties.
+    """
+    config = copy.deepcopy(tiny_config(model_type, role=role, vocab_size=vocab_size, **sizes))
+    cls = _model_class(model_type)
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.ndim >= 2 and "embed" not in name:
+                    p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
+                elif "embed" in name:
+                    p.normal_(0.0, 1.0)
+    finally:
+        torch.random.set_rng_state(state)
+    model.generation_config.pad_token_id = PAD_ID
+    model.generation_config.eos_token_id = EOS_ID
+    model.generation_config.bos_token_id = BOS_ID
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def tiny_pair(model_type: str = "qwen2_5_vl", *, seed: int = 0, **kwargs):
+    """``(target, draft)``: a tiny target and a smaller draft of the same family sharing vocabulary and ids."""
+    target = tiny_model(model_type, role="target", seed=seed, **kwargs)
+    draft = tiny_model(model_type, role="draft", seed=seed + 1, **kwargs)
+    return target, draft
+
+
+def visual_token_count(config, modality: str = "video", *, frames: int = 4, height: int = 56, width: int = 56) -> int:
+    """Number of placeholder tokens one video/image of the given size takes in the language model."""
+    mt = config.model_type
+    if mt in ("qwen2_5_vl", "qwen2_vl"):
+        vc = config.vision_config
+        t = 1 if modality == "image" else max(1, frames // vc.temporal_patch_size)
+        gh, gw = height // vc.patch_size, width // vc.patch_size
+        return t * gh * gw // (vc.spatial_merge_size**2)
+    if mt == "llava_onevision":
+        n = config.vision_config.image_size // config.vision_config.patch_size
+        per_frame = math.ceil(n / 2) ** 2
+        if modality == "image":
+            raise NotImplementedError("tiny LLaVA-OneVision inputs support video only")
+        return frames * per_frame + 1
+    raise ValueError(f"unsupported model_type {mt!r}; supported: {SUPPORTED_FAMILIES}")
+
+
+def make_inputs(
+    model_or_config,
+    *,
+    batch_size: int = 1,
+    prompt_lens: Sequence[int] | int | None = None,
+    modality: str = "video",
+    frames: int = 4,
+    height: int = 56,
+    width: int = 56,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> dict:
+    """Model inputs matching a tiny model: left-padded ``input_ids``, ``attention_mask`` and the visual inputs.
+
+    Each row is ``[PAD...] BOS t t VISION_START <visual placeholders> VISION_END t*prompt_len`` with random text
+    tokens ``t``; rows differ in ``prompt_lens`` (default ``3, 5, 4, 6, ...``) and in their video/image.
+    ``modality`` is ``"video"``, ``"image"`` (Qwen families) or ``"text"`` (no visual tokens).
+    Qwen inputs carry ``mm_token_type_ids`` (0 text, 1 image, 2 video) and, for video, ``second_per_grid_ts``:
+    transformers needs both to compute M-RoPE positions. Float tensors are float32 on ``device`` (default: the
+    model's device).
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    if device is None:
+        device = getattr(model_or_config, "device", "cpu")
+    mt = _check_family(config.model_type)
+    if modality not in ("video", "image", "text"):
+        raise ValueError(f"modality must be 'video', 'image' or 'text', got {modality!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if prompt_lens is None:
+        prompt_lens = [3 + (2 * i) % 5 for i in range(batch_size)]
+    elif isinstance(prompt_lens, int):
+        prompt_lens = [prompt_lens] * batch_size
+    prompt_lens = list(prompt_lens)
+    if len(prompt_lens) != batch_size:
+        raise ValueError(f"prompt_lens must have batch_size={batch_size} entries, got {len(prompt_lens)}")
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab = config.get_text_config().vocab_size
+    n_vis = 0 if modality == "text" else visual_token_count(config, modality, frames=frames, height=height, width=width)
+    placeholder = VIDEO_ID if modality == "video" else IMAGE_ID
+    type_id = 2 if modality == "video" else 1
+
+    rows, types = [], []
+    for n_text in prompt_lens:
+        head = [BOS_ID] + torch.randint(FIRST_TEXT_ID, vocab, (2,), generator=gen).tolist()
+        tail = torch.randint(FIRST_TEXT_ID, vocab, (n_text,), generator=gen).tolist()
+        if modality == "text":
+            ids = head + tail
+            tt = [0] * len(ids)
+        elif mt == "llava_onevision":
+            ids = head + [placeholder] * n_vis + tail
+            tt = [0] * len(head) + [type_id] * n_vis + [0] * len(tail)
+        else:
+            ids = head + [VISION_START_ID] + [placeholder] * n_vis + [VISION_END_ID] + tail
+            tt = [0] * (len(head) + 1) + [type_id] * n_vis + [0] * (len(tail) + 1)
+        rows.append(ids)
+        types.append(tt)
+
+    width_max = max(len(r) for r in rows)
+    input_ids = torch.full((batch_size, width_max), PAD_ID, dtype=torch.long)
+    attention_mask = torch.zeros((batch_size, width_max), dtype=torch.long)
+    mm_types = torch.zeros((batch_size, width_max), dtype=torch.long)
+    for b, (ids, tt) in enumerate(zip(rows, types)):
+        input_ids[b, width_max - len(ids):] = torch.tensor(ids)
+        attention_mask[b, width_max - len(ids):] = 1
+        mm_types[b, width_max - len(ids):] = torch.tensor(tt)
+
+    out = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if modality != "text":
+        if mt in ("qwen2_5_vl", "qwen2_vl"):
+            vc = config.vision_config
+            t = 1 if modality == "image" else max(1, frames // vc.temporal_patch_size)
+            gh, gw = height // vc.patch_size, width // vc.patch_size
+            patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+            pixels = torch.randn(batch_size * t * gh * gw, patch_dim, generator=gen)
+            grid = torch.tensor([[t, gh, gw]] * batch_size, dtype=torch.long)
+            if modality == "video":
+                out.update(pixel_values_videos=pixels, video_grid_thw=grid)
+                if mt == "qwen2_5_vl":
+                    out["second_per_grid_ts"] = torch.ones(batch_size)
+            else:
+                out.update(pixel_values=pixels, image_grid_thw=grid)
+            out["mm_token_type_ids"] = mm_types
+        else:
+            size = config.vision_config.image_size
+            out["pixel_values_videos"] = torch.randn(batch_size, frames, 3, size, size, generator=gen)
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def perturbed_copy(model, *, noise: float = 0.05, seed: int = 0):
+    """A deep copy of ``model`` whose weight matrices get relative Gaussian noise of scale ``noise``.
+
+    Such a draft agrees with its original on most tokens but not all: tests use it to exercise partial
+    acceptance, rollback and rows of one batch accepting different counts.
+    """
+    clone = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in clone.parameters():
+            if p.ndim >= 2:
+                p.add_(torch.randn(p.shape, generator=gen).to(p) * noise * p.std())
+    return clone
