@@ -7,3 +7,306 @@ these functions; benchmarks use them as the eager provider. Argument checks live
 from __future__ import annotations
 
 import torch
+
+# ---- kv ----
+
+
+def compact_kv_(kv: torch.Tensor, src_idx: torch.Tensor, dst_start: int | torch.Tensor) -> None:
+    """In place: for every batch row ``b`` and every ``j`` with ``src_idx[b, j] >= 0``, row
+    ``src_idx[b, j]`` of ``kv[..., b, :, :, :]`` moves to ``dst_start[b] + j`` (all leading dims at once).
+
+    kv ``[..., B, H, S, D]``; src_idx ``[B, K]`` integer, ascending among its valid entries, ``-1`` = slot
+    ``dst_start[b] + j`` left untouched; dst_start ``int`` or ``[B]``. Requires
+    ``src_idx[b, j] >= dst_start[b] + j``. Sources are read from a copy taken before any write, so this is
+    the semantics the in-place kernel must reproduce. Every other row is left as it was.
+    """
+    B = kv.shape[-4]
+    if isinstance(dst_start, torch.Tensor):
+        dst = [int(v) for v in dst_start.reshape(-1).tolist()]
+    else:
+        dst = [int(dst_start)] * B
+    src = src_idx.to(device=kv.device, dtype=torch.int64)
+    for b in range(B):
+        keep = src[b] >= 0
+        rows = src[b][keep]
+        if rows.numel() == 0:
+            continue
+        slots = dst[b] + torch.nonzero(keep).reshape(-1)
+        kv_b = kv.select(-4, b)  # [..., H, S, D]
+        moved = kv_b.index_select(-2, rows).clone()
+        kv_b.index_copy_(-2, slots, moved)
+
+
+# ---- scoring ----
+
+
+def _scoring_masked_softmax(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax of ``s`` over its last dim restricted to ``mask``; a row with no True entry is all zeros."""
+    s = s.masked_fill(~mask, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)  # masked entries: exp(-inf) = 0
+    z = e.sum(-1, keepdim=True)
+    return e / torch.where(z > 0, z, torch.ones_like(z))
+
+
+def visual_attention_mass(q, k, visual_idx, *, scale=None, normalize="visual", attention_mask=None, out=None):
+    """Attention probability mass on each visual key, averaged over query heads and query rows.
+
+    q ``[B, Hq, Lq, D]``: queries of the LAST Lq key positions; query row i sits at key position
+    ``p_i = S - Lq + i`` and sees key j iff ``j <= p_i`` and ``attention_mask[b, j] != 0``.
+    k ``[B, Hkv, S, D]``; query head h reads kv head ``h // (Hq // Hkv)``. scale defaults to ``D ** -0.5``.
+    visual_idx ``[B, Nv]`` integer key positions, ``-1`` = padding. An entry is live iff its position is
+    ``>= 0`` and not masked by attention_mask; dead entries score exactly 0 and are in no normaliser.
+    Positions in a row should be distinct: a repeated position is a separate entry (and counts twice in the
+    ``"visual"`` normaliser).
+    normalize: ``"visual"`` softmax over the live visual entries the row sees; ``"all"`` over every key
+    the row sees.
+
+    Padded query rows: a query row whose own position is masked (``attention_mask[b, p_i] == 0``, e.g. right
+    padding) contributes nothing and is not counted: ``result[b] = sum over heads and valid rows of the
+    probabilities / (Hq * n_valid_rows[b])``, and 0 when no row of b is valid. A valid row whose normaliser is
+    empty (``"visual"`` with no visible live visual key) contributes 0 but is counted in the mean.
+
+    Returns ``[B, Nv]`` float32 (computed in float32); with ``out`` the result is added into it, ``out`` is
+    returned. Materialises one ``[Hq/Hkv, Lq, S]`` score block per (batch row, kv head) at a time.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    Nv = visual_idx.shape[1]
+    dev = q.device
+    scale = D ** -0.5 if scale is None else float(scale)
+    if attention_mask is None:
+        key_valid = torch.ones(B, S, dtype=torch.bool, device=dev)
+    else:
+        key_valid = attention_mask != 0
+    row_valid = key_valid[:, S - Lq:]  # [B, Lq]
+    q_pos = torch.arange(S - Lq, S, device=dev)
+    causal = torch.arange(S, device=dev)[None, :] <= q_pos[:, None]  # [Lq, S]
+    vidx = visual_idx.long()
+    pos = vidx.clamp_min(0)  # [B, Nv]
+    live = (vidx >= 0) & key_valid.gather(1, pos)  # [B, Nv]
+
+    result = torch.zeros(B, Nv, dtype=torch.float32, device=dev)
+    for b in range(B):
+        sees = causal & key_valid[b][None, :] & row_valid[b][:, None]  # [Lq, S]
+        sees_vis = sees[:, pos[b]] & live[b][None, :]  # [Lq, Nv]
+        for h in range(Hkv):
+            qg = q[b, h * G:(h + 1) * G].float()  # [G, Lq, D]
+            kh = k[b, h].float()  # [S, D]
+            if normalize == "all":
+                p = _scoring_masked_softmax(qg @ kh.T * scale, sees)  # [G, Lq, S]
+                p_vis = p[..., pos[b]] * sees_vis  # [G, Lq, Nv]
+            else:
+                p_vis = _scoring_masked_softmax(qg @ kh[pos[b]].T * scale, sees_vis)  # [G, Lq, Nv]
+            result[b] += p_vis.sum((0, 1))
+    count = (row_valid.sum(1) * Hq).to(torch.float32)  # [B]
+    result = result / count.clamp_min(1.0)[:, None]
+    if out is None:
+        return result
+    return out.add_(result)
+
+
+def frame_semantic_scores(x, grid, *, window=3, eps=1e-8):
+    """Temporal novelty and spatial complexity of visual features (float32 inside).
+
+    x ``[B, N, C]`` in (t, h, w) raster order, grid ``(T, H, W)`` with ``T*H*W == N``, window odd.
+    ``cos(a, b) = a·b / (max(|a|, eps) · max(|b|, eps))`` (a zero vector has cosine 0 with everything).
+    temporal = ``1 - cos(x[t,h,w], x[t-1,h,w])``; at t = 0 the partner is t = 1; all 0 when T == 1.
+    spatial = population variance of ``cos(x[t,h,w], x[t,h',w'])`` over the window × window neighbourhood
+    centred on (h, w), clipped to the frame, centre excluded; 0 where there is no neighbour.
+    Returns ``(temporal, spatial)``, each ``[B, N]`` float32.
+    """
+    B, N, C = x.shape
+    T, H, W = (int(g) for g in grid)
+    xf = x.float()
+    xn = (xf / xf.norm(dim=-1, keepdim=True).clamp_min(eps)).reshape(B, T, H, W, C)
+    if T > 1:
+        partner = torch.cat([xn[:, 1:2], xn[:, :-1]], dim=1)  # t=0 pairs with t=1, t>0 with t-1
+        temporal = 1.0 - (xn * partner).sum(-1)
+    else:
+        temporal = torch.zeros(B, T, H, W, dtype=torch.float32, device=x.device)
+
+    r = int(window) // 2
+    padded = torch.nn.functional.pad(xn, (0, 0, r, r, r, r))  # zero frame border on W and H
+    inside = torch.nn.functional.pad(torch.ones(H, W, device=x.device), (r, r, r, r))
+    cos, mask = [], []
+    for dh in range(2 * r + 1):
+        for dw in range(2 * r + 1):
+            if dh == r and dw == r:
+                continue
+            cos.append((xn * padded[:, :, dh:dh + H, dw:dw + W]).sum(-1))  # [B, T, H, W]
+            mask.append(inside[dh:dh + H, dw:dw + W])  # [H, W]
+    if cos:
+        c = torch.stack(cos, -1)  # [B, T, H, W, window²-1]
+        m = torch.stack(mask, -1)  # [H, W, window²-1]
+        cnt = m.sum(-1).clamp_min(1.0)
+        mean = (c * m).sum(-1) / cnt
+        spatial = ((c - mean[..., None]).square() * m).sum(-1) / cnt
+    else:
+        spatial = torch.zeros(B, T, H, W, dtype=torch.float32, device=x.device)
+    return temporal.reshape(B, N), spatial.reshape(B, N)
+
+
+# ---- verification ----
+# Specification of vspec.ops.verify_*; the Triton kernels in kernels/verify.py must match these exactly on
+# token ids and lengths. verify_sampling shares its random numbers with the kernel through `uniforms`.
+
+
+def sampling_uniforms(batch: int, gamma: int, *, generator=None, seed=None, device=None) -> torch.Tensor:
+    """The random numbers of one speculative-sampling round: ``[batch, gamma + 1]`` float32 in [0, 1).
+
+    Column i < γ decides the acceptance of draft token i; column γ drives the one inverse-CDF draw (the
+    residual draw at the first rejection, or the bonus draw). ``seed`` draws them on a fresh CPU generator
+    (same tokens on every device); ``generator`` draws on that generator's device; neither uses the global
+    RNG of ``device``. The result is moved to ``device``.
+    """
+    if seed is not None:
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    if generator is not None:
+        u = torch.rand(batch, gamma + 1, generator=generator, device=generator.device, dtype=torch.float32)
+        return u.to(device) if device is not None else u
+    return torch.rand(batch, gamma + 1, device=device, dtype=torch.float32)
+
+
+def verify_greedy(logits, draft_tokens):
+    """``(accept_len [B], target_tokens [B, γ+1])``; argmax ties resolve to the lowest index."""
+    target = logits.float().argmax(-1)  # torch.argmax returns the first maximal index
+    gamma = draft_tokens.shape[1]
+    match = draft_tokens.long() == target[:, :gamma]
+    accept_len = match.long().cumprod(1).sum(1)
+    return accept_len, target
+
+
+def tree_depths(parents: torch.Tensor) -> torch.Tensor:
+    """Depth of every node of a (checked) parents tensor ``[N]`` or ``[B, N]``; the root has depth 0."""
+    par = parents.long()
+    depth = torch.zeros_like(par)
+    for i in range(1, par.shape[-1]):
+        depth[..., i] = depth.gather(-1, par[..., i:i + 1]).squeeze(-1) + 1
+    return depth
+
+
+def verify_tree_greedy(logits, tree_tokens, parents):
+    """``(accept_len [B], path [B, max_depth + 1], next_token [B])``; see ``vspec.ops.verify_tree_greedy``."""
+    B, N, _ = logits.shape
+    target = logits.float().argmax(-1)  # [B, N]
+    par = parents.long().to(logits.device).expand(B, N)
+    depth = tree_depths(par)
+    rows = torch.arange(B, device=logits.device)
+    accepted = torch.zeros(B, N, dtype=torch.bool, device=logits.device)
+    accepted[:, 0] = True
+    for i in range(1, N):
+        p = par[:, i]
+        accepted[:, i] = accepted[rows, p] & (tree_tokens[:, i].long() == target[rows, p])
+    key = torch.where(accepted, depth, -1)
+    best_depth = key.max(1).values
+    best = (key == best_depth[:, None]).long().argmax(1)  # lowest node index among the deepest
+    width = int(depth.max()) + 1
+    path = torch.full((B, width), -1, dtype=torch.long, device=logits.device)
+    node = best.clone()
+    for d in range(width - 1, -1, -1):
+        on = best_depth >= d
+        path[on, d] = node[on]
+        node = torch.where(on, par[rows, node].clamp_min(0), node)
+    return best_depth, path, target[rows, best]
+
+
+def verify_sampling(target_logits, draft_probs, draft_tokens, *, temperature=1.0, generator=None, seed=None,
+                    uniforms=None):
+    """Lossless speculative sampling; see :func:`vspec.ops.verify_sampling`.
+
+    Precision (shared with the kernel): p = softmax(logits·(1/T)) in float32; accept iff u·q < p in float32;
+    the draw weights ``max(0, p − q)`` (or p) and their running sums in float64; token = the first index whose
+    running sum exceeds ``u_draw · total``.
+    """
+    B, R, V = target_logits.shape
+    gamma = R - 1
+    dev = target_logits.device
+    if uniforms is None:
+        uniforms = sampling_uniforms(B, gamma, generator=generator, seed=seed, device=dev)
+    inv_temp = torch.tensor(1.0 / float(temperature), dtype=torch.float32)
+    p = torch.softmax(target_logits.float() * inv_temp.to(dev), dim=-1)  # [B, γ+1, V]
+    q = draft_probs.float()
+    d = draft_tokens.long()
+    rows = torch.arange(B, device=dev)
+    if gamma > 0:
+        pt = p[:, :gamma].gather(-1, d[..., None]).squeeze(-1)  # [B, γ]
+        qt = q.gather(-1, d[..., None]).squeeze(-1)
+        accept = uniforms[:, :gamma] * qt < pt
+        accept_len = accept.long().cumprod(1).sum(1)
+        q_sel = q[rows, accept_len.clamp_max(gamma - 1)] * (accept_len < gamma)[:, None]
+    else:
+        accept_len = torch.zeros(B, dtype=torch.long, device=dev)
+        q_sel = torch.zeros(B, V, device=dev)
+    p_sel = p[rows, accept_len].double()  # [B, V]
+    w = (p_sel - q_sel.double()).clamp_min(0.0)
+    w = torch.where((w.sum(1) <= 0)[:, None], p_sel, w)  # zero residual only when p == q: draw from p
+    cdf = w.cumsum(1)
+    thr = uniforms[:, gamma].double() * w.sum(1)
+    above = cdf > thr[:, None]
+    last_positive = V - 1 - (w > 0).flip(1).long().argmax(1)
+    drawn = torch.where(above.any(1), above.long().argmax(1), last_positive)
+    pos = torch.arange(R, device=dev)
+    tokens = torch.full((B, R), -1, dtype=torch.long, device=dev)
+    if gamma > 0:
+        keep = pos[None, :gamma] < accept_len[:, None]
+        tokens[:, :gamma] = torch.where(keep, d, -1)
+    tokens[rows, accept_len] = drawn
+    return accept_len, tokens
+
+
+def verify_loose(logits, draft_tokens, strict_mask, *, top_k=3, min_prob_ratio=0.3, shift=1, entropy_gate=0.3,
+                 window=1, return_loose=False):
+    """Loose verification (LVSpec-style); rule and defaults are documented in ``vspec.ops.verify_loose``."""
+    import math
+
+    B, R, V = logits.shape
+    gamma = R - 1
+    dev = logits.device
+    x = logits.float()
+    target = x.argmax(-1)  # [B, γ+1]
+    vmax = x.max(-1).values
+    d = draft_tokens.long()
+    xs = x[:, :gamma]  # [B, γ, V]
+    exact = d == target[:, :gamma]
+    xt = xs.gather(-1, d[..., None]).squeeze(-1)  # [B, γ]
+    log_ratio = math.log(min_prob_ratio) if min_prob_ratio > 0 else float("-inf")
+    ok = (xt - vmax[:, :gamma]) >= torch.tensor(log_ratio, dtype=torch.float32, device=dev)
+    if top_k > 1:
+        vocab = torch.arange(V, device=dev)
+        beats = (xs > xt[..., None]) | ((xs == xt[..., None]) & (vocab < d[..., None]))
+        ok &= beats.sum(-1) < top_k
+    else:
+        ok &= exact
+    pos = torch.arange(gamma, device=dev)
+    shifted = torch.zeros_like(exact)
+    for s in range(1, min(int(shift), gamma + 1) + 1):
+        for j in (pos + s, pos - s):
+            valid = (j >= 0) & (j <= gamma)
+            tj = target.gather(1, j.clamp(0, gamma).expand(B, gamma))
+            shifted |= valid & (d == tj)
+    loose = ~strict_mask & (ok | shifted)
+    if entropy_gate > 0:
+        top = xs.topk(min(3, V), dim=-1).values
+        if V < 3:
+            top = torch.cat([top, top.new_full((B, gamma, 3 - V), float("-inf"))], -1)
+        e = torch.exp(top - top[..., :1])
+        qn = e / e.sum(-1, keepdim=True)
+        h = -torch.where(qn > 0, qn * torch.log(qn), torch.zeros_like(qn)).sum(-1)
+        loose &= ~(h * (1.0 / math.log(3.0)) < entropy_gate)
+    if window > 1:
+        for k in range(1, int(window)):
+            j = pos + k
+            ok_k = (j < gamma) & exact.gather(1, j.clamp_max(max(gamma - 1, 0)).expand(B, gamma))
+            loose &= ok_k
+    loose &= ~exact
+    accept_len = (exact | loose).long().cumprod(1).sum(1)
+    rows = torch.arange(B, device=dev)
+    tokens = torch.full((B, R), -1, dtype=torch.long, device=dev)
+    tokens[:, :gamma] = torch.where(pos[None] < accept_len[:, None], d, -1)
+    tokens[rows, accept_len] = target[rows, accept_len]
+    if return_loose:
+        return accept_len, tokens, loose & (pos[None] < accept_len[:, None])
+    return accept_len, tokens

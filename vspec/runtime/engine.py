@@ -107,7 +107,7 @@ class SpecDecoder:
                 f"target and draft must use the same visual token ids (image, video): target "
                 f"{self.t_adapter.visual_token_ids}, draft {self.d_adapter.visual_token_ids}"
             )
-        if type(self.t_adapter) is not type(self.d_adapter):
+        if target.config.model_type != draft.config.model_type:
             raise ValueError(
                 f"target ({target.config.model_type}) and draft ({draft.config.model_type}) must be of one family"
             )
@@ -289,29 +289,29 @@ class SpecDecoder:
 
         cfg, pc = self.config, self.config.prune_config
         keep = prompt.attention_mask.bool() & ~prompt.visual_mask
-        attention = capture.result() if capture is not None else None
-        for b, spans in enumerate(prompt.spans):
-            n = int((visual_idx[b] >= 0).sum())
-            if n == 0:
-                continue
-            rows_b = visual_idx[b, :n]
-            temporal = spatial = frame_ids = None
-            if prune == "semantic":
-                temporal, spatial, frame_ids = _semantics(embeds[b], spans, rows_b)
-            kept = pruning.select_keep(
-                n,
-                method=prune,
-                keep=cfg.keep_count if cfg.keep_count is not None else cfg.keep_ratio,
-                attention=None if attention is None else attention[b, :n],
-                temporal=temporal,
-                spatial=spatial,
-                frame_ids=frame_ids,
-                weights=pc.weights,
-                per_frame_floor=pc.per_frame_floor,
-                mass_fraction=pc.mass_fraction,
-                generator=torch.Generator().manual_seed(cfg.seed + b),
-            )
-            keep[b, rows_b[kept.to(rows_b.device)]] = True
+        is_vis = visual_idx >= 0
+        temporal = spatial = frame_ids = None
+        if prune == "semantic":
+            temporal, spatial, frame_ids = (torch.stack(t) for t in zip(*(
+                _semantics(embeds[b], spans, visual_idx[b]) for b, spans in enumerate(prompt.spans))))
+        kept = pruning.select_keep(
+            is_vis,
+            method=prune,
+            keep=cfg.keep_count if cfg.keep_count is not None else cfg.keep_ratio,
+            attention=capture.result() if capture is not None else None,
+            temporal=temporal,
+            spatial=spatial,
+            frame_ids=frame_ids,
+            weights=pc.weights,
+            per_frame_floor=pc.per_frame_floor,
+            mass_fraction=pc.mass_fraction,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            padded=True,
+        ).to(visual_idx.device)
+        cols = torch.gather(visual_idx, 1, kept.clamp_min(0))
+        rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(cols)
+        ok = kept >= 0
+        keep[rows[ok], cols[ok]] = True
         return keep
 
     # ------------------------------------------------------------------------------------------------
@@ -364,7 +364,8 @@ class SpecDecoder:
                     tok = logits.argmax(dim=-1)
                 d_tokens.append(tok)
                 if i + 1 < gamma:
-                    logits = draft.forward(input_ids=tok[:, None], positions=self.d_adapter.decode_positions(pos[:, None]),
+                    logits = draft.forward(input_ids=tok[:, None],
+                                           positions=self.d_adapter.decode_positions(pos[:, None]),
                                            new_valid=torch.ones_like(tok, dtype=torch.bool)[:, None],
                                            logits_to_keep=1)[:, -1]
                     pos = pos + 1
@@ -434,13 +435,17 @@ def _padded_indices(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, order, torch.full_like(order, -1))
 
 
-def _semantics(embeds_row: torch.Tensor, spans, rows: torch.Tensor):
-    """Temporal novelty, spatial complexity and frame ids of one row's visual tokens (rows = their indices)."""
-    n = rows.shape[0]
-    temporal = torch.zeros(n, dtype=torch.float32, device=embeds_row.device)
+def _semantics(embeds_row: torch.Tensor, spans, visual_idx_row: torch.Tensor):
+    """Temporal novelty, spatial complexity and frame id of one row's visual tokens, in visual_idx order.
+
+    visual_idx_row: ``[Nmax]`` physical indices of the row's visual tokens (−1 padding: zeros there).
+    """
+    n = visual_idx_row.shape[0]
+    device = embeds_row.device
+    temporal = torch.zeros(n, dtype=torch.float32, device=device)
     spatial = torch.zeros_like(temporal)
-    frame_ids = torch.zeros(n, dtype=torch.long, device=embeds_row.device)
-    where = {int(r): i for i, r in enumerate(rows.tolist())}
+    frame_ids = torch.zeros(n, dtype=torch.long, device=device)
+    where = {int(r): i for i, r in enumerate(visual_idx_row.tolist()) if r >= 0}
     frame_base = 0
     for span in spans:
         first = where[span.start]
@@ -453,9 +458,8 @@ def _semantics(embeds_row: torch.Tensor, spans, rows: torch.Tensor):
         tem, spa = ops.frame_semantic_scores(x, (t, h, w))
         temporal[first:first + t * h * w] = tem[0]
         spatial[first:first + t * h * w] = spa[0]
-        frame_ids[first:first + t * h * w] = frame_base + torch.arange(t, device=x.device).repeat_interleave(h * w)
-        rest = span.length - t * h * w
-        if rest:
+        frame_ids[first:first + t * h * w] = frame_base + torch.arange(t, device=device).repeat_interleave(h * w)
+        if span.length > t * h * w:  # LLaVA-OneVision's newline token joins the last frame
             frame_ids[first + t * h * w:first + span.length] = frame_base + t - 1
         frame_base += t
     return temporal, spatial, frame_ids

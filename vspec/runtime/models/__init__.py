@@ -1,8 +1,8 @@
 """Per-family adapters: where the visual tokens sit, their frame grid, and the model's positions.
 
 Every adapter produces logical positions with ONE convention for draft and target (the one ``generate`` uses):
-prompt positions from the model's own rope-index routine, and decode positions continuing at
-``max(prompt positions) + 1`` for every row. Positions are always passed to the model explicitly.
+prompt positions from the model's own rope-index routine, and decode positions continuing at the last prompt
+token's position + 1 for every row. Positions are always passed to the model explicitly.
 """
 
 from __future__ import annotations

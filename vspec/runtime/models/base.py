@@ -27,7 +27,8 @@ class Prompt:
 
     input_ids / attention_mask: ``[B, L]``; positions: ``[P, B, L]`` long logical positions (P = 3 for M-RoPE,
     1 otherwise); visual_mask: ``[B, L]`` bool; spans: per row, its visual spans; next_pos: ``[B]`` long, the
-    position of the first generated token.
+    position of the first generated token (the last prompt token's position + 1, as ``generate``; prompts are
+    left-padded, so the last column is every row's last token).
     """
 
     input_ids: torch.Tensor
@@ -76,8 +77,9 @@ class ModelAdapter:
         for tid in self.visual_token_ids:
             vis |= input_ids == tid
         vis &= attention_mask.bool()
-        valid_pos = positions.masked_fill(~attention_mask.bool()[None], -1)
-        next_pos = valid_pos.amax(dim=(0, 2)) + 1
+        # generate continues at (position of the last prompt token) + 1. That is NOT max(positions) + 1 when a
+        # video's temporal ids run past the text after it (Qwen2.5-VL with T > max(h, w) / merge).
+        next_pos = positions[:, :, -1].amax(dim=0) + 1
         return Prompt(
             input_ids=input_ids,
             attention_mask=attention_mask,

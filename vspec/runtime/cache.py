@@ -1,0 +1,395 @@
+"""A preallocated KV cache for the speculative-decoding runtime, usable as HF ``past_key_values``.
+
+One storage tensor ``[L, 2, B, Hkv, S_max, D]`` holds keys (``[:, 0]``) and values (``[:, 1]``) of every
+layer, so one :func:`vspec.ops.compact_kv_` call compacts the whole cache. All batch rows share one
+*physical* length (every forward appends the same number of slots to every row); a boolean
+``valid [B, S_max]`` mask says which slots hold real tokens. Left padding, pruned tokens and rejected
+speculative tokens are holes (``False``): pass :meth:`SpecCache.attention_mask` as the model's 2-D
+``attention_mask`` so holes are never attended.
+
+Physical slots are not positions. RoPE is applied before a key is cached, so a compacted key keeps the
+position it was computed with; the runtime tracks each row's next *logical* position itself and passes
+``position_ids`` explicitly on every forward (HF would otherwise derive positions from
+``get_seq_length()``, the physical length).
+
+Interface used by transformers (checked against 5.23, and the 5.17 sources):
+
+* ``update(key_states, value_states, layer_idx, ...)``: each attention layer of Qwen2 / Qwen2-VL /
+  Qwen2.5-VL (LLaVA-OneVision's LM is Qwen2) writes its new states and attends over the returned views.
+* ``get_seq_length(layer_idx=0)``: the models derive default positions from it; ``get_query_offset`` (5.23),
+  ``get_mask_sizes(query_length, layer_idx)``, ``is_sliding``/``is_linear``/``is_dummy``, ``is_compileable``
+  are read by ``transformers.masking_utils`` while building the causal mask.
+* ``len(cache)``, ``cache.layers[i].keys/.values`` (``[B, Hkv, length, D]`` views), iteration,
+  ``crop``, ``reorder_cache``/``batch_select_indices``, ``reset``, ``get_max_length``, ``batch_size``,
+  ``early_initialization`` behave as for HF caches.
+
+Views returned by ``update`` and ``layers[i].keys`` alias the storage: they are valid until the next
+``compact_``, ``select_rows`` or growth of the storage.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+__all__ = ["SpecCache"]
+
+
+class _StorageLayer(CacheLayerMixin):
+    """Layer ``layer_idx`` of a :class:`SpecCache`: a window onto the shared storage, plus its own length."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, cache: SpecCache, layer_idx: int):
+        # CacheLayerMixin.__init__ would assign keys/values, which are views here: deliberately not called.
+        self._cache = cache
+        self.layer_idx = layer_idx
+        self.length = 0
+
+    def __repr__(self):
+        return f"{type(self).__name__}(layer_idx={self.layer_idx}, length={self.length})"
+
+    @property
+    def is_initialized(self) -> bool:
+        return self._cache.storage is not None
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        st = self._cache.storage
+        return None if st is None else st[self.layer_idx, 0, :, :, : self.length]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        st = self._cache.storage
+        return None if st is None else st[self.layer_idx, 1, :, :, : self.length]
+
+    @property
+    def batch_size(self) -> int:
+        if self._cache.storage is None:
+            raise AttributeError("batch_size is unknown before the storage is allocated")
+        return self._cache.storage.shape[2]
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return None if self._cache.storage is None else self._cache.storage.dtype
+
+    @property
+    def device(self) -> torch.device | None:
+        return None if self._cache.storage is None else self._cache.storage.device
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if self._cache.storage is None:
+            B, H, _, D = key_states.shape
+            self._cache._allocate(B, H, D, key_states.dtype, key_states.device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write ``[B, Hkv, q, D]`` states at slots ``[length, length + q)``; return the
+        ``[B, Hkv, length + q, D]`` key and value views."""
+        c = self._cache
+        self.lazy_initialization(key_states, value_states)
+        st = c.storage
+        _, _, B, H, _, D = st.shape
+        q = key_states.shape[-2]
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            if t.ndim != 4 or t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
+                raise ValueError(f"{name} must be [B={B}, Hkv={H}, q, D={D}] to match the cache storage, got "
+                                 f"{tuple(t.shape)}")
+        start, end = self.length, self.length + q
+        c._ensure_capacity(end)
+        st = c.storage
+        st[self.layer_idx, 0, :, :, start:end].copy_(key_states)
+        st[self.layer_idx, 1, :, :, start:end].copy_(value_states)
+        if self.layer_idx == 0:
+            # The first layer of a forward marks the new slots as real tokens; holes are set by the runtime.
+            c.valid[:, start:end] = True
+        self.length = end
+        return st[self.layer_idx, 0, :, :, :end], st[self.layer_idx, 1, :, :, :end]
+
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # older releases passed cache_position
+            query_length = query_length.shape[0]
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self._cache.max_length
+
+    def get_max_cache_shape(self) -> int:
+        return self._cache.max_length
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self._cache.crop(tokens_to_remove)
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise RuntimeError("reorder a SpecCache as a whole: SpecCache.select_rows(batch_idx)")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise RuntimeError("select rows of a SpecCache as a whole: SpecCache.select_rows(batch_idx)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise RuntimeError("repeat rows of a SpecCache as a whole: SpecCache.batch_repeat_interleave()")
+
+    def offload(self):
+        raise NotImplementedError("SpecCache does not offload")
+
+    def prefetch(self):
+        raise NotImplementedError("SpecCache does not offload")
+
+
+class SpecCache(Cache):
+    """Static KV cache: one ``[L, 2, B, Hkv, S_max, D]`` storage, a shared physical length, a validity mask.
+
+    Args:
+        config: the model's config (a VLM config or its text config); gives ``num_layers`` and, for eager
+            allocation, ``num_kv_heads``/``head_dim``.
+        max_length: ``S_max``, slots per row.
+        num_layers: overrides ``config``'s decoder layer count (one of the two is required).
+        batch_size, num_kv_heads, head_dim, dtype, device: with ``batch_size`` given, the storage is allocated
+            now; otherwise on the first ``update`` (from the key states' shape, dtype and device).
+        grow: when an update would pass ``max_length``, reallocate with twice the room (copying, and
+            invalidating earlier views) instead of raising.
+
+    Attributes:
+        storage: ``[L, 2, B, Hkv, S_max, D]`` or None before allocation.
+        valid: ``bool [B, S_max]``; False for holes and for every slot ``>= length``.
+    """
+
+    def __init__(self, config=None, *, max_length: int, num_layers: int | None = None,
+                 batch_size: int | None = None, num_kv_heads: int | None = None,
+                 head_dim: int | None = None, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, grow: bool = False):
+        text = config.get_text_config(decoder=True) if config is not None else None
+        if num_layers is None:
+            if text is None:
+                raise ValueError("SpecCache needs num_layers or a config to count the decoder layers")
+            num_layers = text.num_hidden_layers
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        if not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        super().__init__(layers=[_StorageLayer(self, i) for i in range(num_layers)])
+        self.max_length = max_length
+        self.grow = grow
+        self.storage: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None
+        if batch_size is not None:
+            if num_kv_heads is None and text is not None:
+                num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+            if head_dim is None and text is not None:
+                head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+            if num_kv_heads is None or head_dim is None:
+                raise ValueError("eager allocation (batch_size given) needs num_kv_heads and head_dim, "
+                                 "or a config")
+            self._allocate(batch_size, num_kv_heads, head_dim, dtype or torch.get_default_dtype(),
+                           torch.device(device) if device is not None else torch.device("cpu"))
+
+    # ---- storage ------------------------------------------------------------------------------------------
+
+    def _allocate(self, batch_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                  device: torch.device) -> None:
+        shape = (len(self.layers), 2, batch_size, num_kv_heads, self.max_length, head_dim)
+        self.storage = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch_size, self.max_length, dtype=torch.bool, device=device)
+
+    def _ensure_capacity(self, end: int) -> None:
+        if end <= self.max_length:
+            return
+        if not self.grow:
+            raise ValueError(f"SpecCache is full: {end} slots needed but max_length={self.max_length}; "
+                             f"allocate a larger max_length (or pass grow=True)")
+        new_max = max(end, 2 * self.max_length)
+        old_storage, old_valid = self.storage, self.valid
+        self.max_length = new_max
+        L, _, B, H, _, D = old_storage.shape
+        self._allocate(B, H, D, old_storage.dtype, old_storage.device)
+        filled = max(layer.length for layer in self.layers)
+        self.storage[..., :filled, :].copy_(old_storage[..., :filled, :])
+        self.valid[:, :filled].copy_(old_valid[:, :filled])
+
+    @property
+    def length(self) -> int:
+        """Physical length shared by all rows (slots ``[0, length)`` are in use, holes included)."""
+        return self.layers[0].length
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.storage is None else self.storage.shape[2]
+
+    def _common_length(self, what: str) -> int:
+        lengths = {layer.length for layer in self.layers}
+        if len(lengths) != 1:
+            raise RuntimeError(f"{what} needs every layer at the same length (not mid-forward), "
+                               f"got lengths {[layer.length for layer in self.layers]}")
+        return lengths.pop()
+
+    def _set_length(self, n: int) -> None:
+        for layer in self.layers:
+            layer.length = n
+        if self.valid is not None:
+            self.valid[:, n:] = False
+
+    # ---- HF Cache interface -------------------------------------------------------------------------------
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Append ``[B, Hkv, q, D]`` states to layer ``layer_idx``; return its updated key/value views."""
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.max_length
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.max_length
+
+    def __iter__(self):
+        for layer in self.layers:
+            yield layer.keys, layer.values
+
+    def crop(self, tokens_to_remove_or_length: int) -> None:
+        """Roll back by pointer: ``n >= 0`` keeps the first ``n`` slots (gpt-fast, legacy HF); ``n < 0``
+        drops the last ``-n`` slots (HF 5.x ``DynamicCache.crop``). Slots past the new length become
+        invalid."""
+        n = int(tokens_to_remove_or_length)
+        length = self._common_length("crop")
+        new = length + n if n < 0 else n
+        if not 0 <= new <= length:
+            raise ValueError(f"crop({n}) on a cache of length {length} would give length {new}; "
+                             f"expected a result in [0, {length}]")
+        self._set_length(new)
+
+    def reset(self) -> None:
+        self._set_length(0)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.select_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.storage is not None:
+            idx = torch.arange(self.storage.shape[2], device=self.storage.device).repeat_interleave(repeats)
+            self.select_rows(idx)
+
+    # ---- runtime methods ----------------------------------------------------------------------------------
+
+    def attention_mask(self, num_new: int = 0, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """The 2-D ``attention_mask [B, length + num_new]`` for a forward appending ``num_new`` tokens."""
+        if self.valid is None:
+            raise RuntimeError("the cache is empty: no storage allocated yet")
+        n = self._common_length("attention_mask")
+        mask = torch.ones(self.valid.shape[0], n + num_new, dtype=dtype, device=self.valid.device)
+        mask[:, :n] = self.valid[:, :n]
+        return mask
+
+    def set_valid(self, mask: torch.Tensor) -> None:
+        """Set which of the first ``n`` slots hold real tokens from ``mask [B, n]`` (bool or 0/1), e.g. the
+        prefill's ``attention_mask``; slots ``>= n`` are unchanged."""
+        if self.valid is None:
+            raise RuntimeError("set_valid before the storage is allocated")
+        if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.shape[0] != self.valid.shape[0] \
+                or mask.shape[1] > self.length:
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"mask must be [B={self.valid.shape[0]}, n] with n <= length={self.length}, "
+                             f"got {shape}")
+        self.valid[:, : mask.shape[1]] = mask.to(device=self.valid.device, dtype=torch.bool)
+
+    def mark_valid(self, start: int, end: int | None = None, value: bool = True,
+                   rows: torch.Tensor | None = None) -> None:
+        """Mark slots ``[start, end)`` (default: to ``length``) of ``rows`` (default: all) valid or holes."""
+        if self.valid is None:
+            raise RuntimeError("mark_valid before the storage is allocated")
+        end = self.length if end is None else end
+        if not 0 <= start <= end <= self.length:
+            raise ValueError(f"slots [start={start}, end={end}) must lie within [0, length={self.length}]")
+        if rows is None:
+            self.valid[:, start:end] = value
+        else:
+            self.valid[rows, start:end] = value
+
+    def compact_(self, src_idx: torch.Tensor, dst_start: int | torch.Tensor, *, length: int | None = None,
+                 check: bool | None = None) -> None:
+        """Compact every layer's keys and values with ONE :func:`vspec.ops.compact_kv_` call.
+
+        For row ``b``: slots ``[0, dst_start[b])`` are kept as they are; slot ``dst_start[b] + j`` receives
+        slot ``src_idx[b, j]`` (``-1``: a hole); everything after row ``b``'s last kept entry is dropped.
+        ``valid`` follows the moved slots. The new physical length is the largest row end (``length`` given:
+        used as is, skipping the one host sync; it must be at least every row's end); shorter rows get
+        trailing holes.
+
+        src_idx ``[B, K]`` integer, ascending among valid entries, ``dst_start[b] + j <= src_idx[b, j] <
+        length``; dst_start ``int`` or ``[B]``.
+        """
+        from vspec import ops
+
+        n = self._common_length("compact_")
+        if self.storage is None:
+            raise RuntimeError("compact_ before the storage is allocated")
+        if length is not None and not 0 <= int(length) <= n:
+            raise ValueError(f"length must be in [0, {n}] (the length before compaction), got {length}")
+        st, dev = self.storage, self.storage.device
+        ops.compact_kv_(st[:, :, :, :, :n], src_idx, dst_start, check=check)
+
+        B, K = src_idx.shape
+        src = src_idx.to(device=dev, dtype=torch.int64)
+        if isinstance(dst_start, torch.Tensor):
+            dst = dst_start.to(device=dev, dtype=torch.int64).reshape(-1).expand(B)
+        else:
+            dst = torch.full((B,), int(dst_start), dtype=torch.int64, device=dev)
+        kept = src >= 0
+        moved_valid = kept & self.valid.gather(1, src.clamp(min=0))  # [B, K]
+        j = torch.arange(K, device=dev)
+        ends = torch.where(kept, j + 1, torch.zeros_like(j))  # [B, K]
+        row_end = dst + (ends.amax(dim=1) if K > 0 else 0)  # [B]
+        rel = torch.arange(self.max_length, device=dev)[None, :] - dst[:, None]  # [B, S_max]
+        in_window = (rel >= 0) & (rel < K)
+        if K > 0:
+            window = moved_valid.gather(1, rel.clamp(0, K - 1)) & in_window
+        else:
+            window = torch.zeros_like(in_window)
+        self.valid = torch.where(rel < 0, self.valid, window)
+        self._set_length(int(row_end.max()) if length is None else int(length))
+
+    def select_rows(self, batch_idx: torch.Tensor) -> None:
+        """Keep (and reorder to) batch rows ``batch_idx`` (``[B']`` integer), e.g. to drop finished rows."""
+        if self.storage is None:
+            return
+        if not isinstance(batch_idx, torch.Tensor) or batch_idx.ndim != 1 or batch_idx.is_floating_point():
+            raise ValueError(f"batch_idx must be a 1-D integer tensor, got {batch_idx!r}")
+        idx = batch_idx.to(device=self.storage.device, dtype=torch.int64)
+        self.storage = self.storage.index_select(2, idx)
+        self.valid = self.valid.index_select(0, idx)
+
+    @classmethod
+    def from_dynamic(cls, cache: Cache, *, max_length: int, valid: torch.Tensor | None = None,
+                     config=None, grow: bool = False) -> SpecCache:
+        """A SpecCache holding a copy of ``cache``'s layers (e.g. a ``DynamicCache`` after a prefill).
+
+        valid: ``[B, S]`` mask of real tokens (the prefill's ``attention_mask``); default all valid.
+        """
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        if not layers or any(k is None or k.numel() == 0 for k, _ in layers):
+            raise ValueError("cache must have every layer filled (run the prefill first)")
+        k0 = layers[0][0]
+        B, H, S, D = k0.shape
+        if S > max_length:
+            raise ValueError(f"max_length={max_length} is smaller than the cache's length {S}")
+        out = cls(config, max_length=max_length, num_layers=len(layers), batch_size=B, num_kv_heads=H,
+                  head_dim=D, dtype=k0.dtype, device=k0.device, grow=grow)
+        for i, (k, v) in enumerate(layers):
+            if k.shape != (B, H, S, D) or v.shape != (B, H, S, D):
+                raise ValueError(f"layer {i} of cache has keys {tuple(k.shape)} / values {tuple(v.shape)}, "
+                                 f"expected {(B, H, S, D)} like layer 0")
+            out.storage[i, 0, :, :, :S].copy_(k)
+            out.storage[i, 1, :, :, :S].copy_(v)
+        out._set_length(S)
+        out.valid[:, :S] = True
+        if valid is not None:
+            out.set_valid(valid)
+        return out
