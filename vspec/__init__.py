@@ -4,7 +4,19 @@ Public API: :mod:`vspec.ops` (the fused ops), :class:`SpecConfig`, :class:`SpecD
 """
 
 from . import ops
+from .patch import VSpecHandle, apply_vspec
+from .runtime import PruneConfig, SpecConfig, SpecDecoder, SpecOutput, SpecStats
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "__version__"]
+__all__ = [
+    "ops",
+    "SpecConfig",
+    "PruneConfig",
+    "SpecDecoder",
+    "SpecOutput",
+    "SpecStats",
+    "apply_vspec",
+    "VSpecHandle",
+    "__version__",
+]
