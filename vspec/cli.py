@@ -82,7 +82,8 @@ def cmd_demo(args) -> int:
     print(f"\n{'method':<42} {'tok/s':>8} {'speedup':>8} {'MAL':>6} {'tgt calls/tok':>14} {'identical':>10}")
     for label, tps, rounds, row_rounds, emitted, identical, tokens in rows:
         mal = f"{emitted / row_rounds:.2f}" if row_rounds else "-"
-        calls = f"{(rounds + len(clips)) / tokens:.3f}" if row_rounds else "1.000" if label.startswith("target") else "-"
+        calls = (f"{(rounds + len(clips)) / tokens:.3f}" if row_rounds
+                 else "1.000" if label.startswith("target") else "-")
         print(f"{label:<42} {tps:>8.1f} {tps / base:>7.2f}x {mal:>6} {calls:>14} {identical:>4}/{len(clips)}")
     print(f"\n{len(clips)} clips, {n_new} new tokens each, draft_len={args.draft_len}, median of {args.repeats} runs, "
           f"CPU, {torch.get_num_threads()} threads. Target calls per token count the prefill.")

@@ -313,10 +313,13 @@ def verify_tree_greedy(logits, tree_tokens, parents, *, check_ids=True):
     parents, width = _verify_parents(parents, B, N, logits.device)
     if check_ids:
         _verify_check_ids(V, tree_tokens=tree_tokens)
-    impl = _verify_impl(logits, tree_tokens)
-    if impl.__name__.endswith(".reference"):
-        return impl.verify_tree_greedy(logits, tree_tokens, parents)
-    return impl.verify_tree_greedy(logits, tree_tokens, parents, width=width)
+    if backend_for(logits, tree_tokens) == "triton":
+        from .kernels import verify as impl
+
+        return impl.verify_tree_greedy(logits, tree_tokens, parents, width=width)
+    from .kernels import reference as impl
+
+    return impl.verify_tree_greedy(logits, tree_tokens, parents)
 
 
 def verify_sampling(target_logits, draft_probs, draft_tokens, *, temperature=1.0, generator=None, seed=None,

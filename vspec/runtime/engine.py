@@ -378,11 +378,11 @@ class SpecDecoder:
             t_logits = target.forward(input_ids=t_in, positions=self.t_adapter.decode_positions(t_pos),
                                       new_valid=torch.ones_like(t_in, dtype=torch.bool))
             if sampling is None:
-                acc, tgt = ops.verify_greedy(t_logits, drafts)
+                acc, tgt = ops.verify_greedy(t_logits, drafts, check_ids=False)
             else:
                 warped = _warp(t_logits, *sampling)
                 acc, tgt = ops.verify_sampling(warped, torch.stack(d_probs, dim=1), drafts, temperature=1.0,
-                                               generator=generator)
+                                               generator=generator, check_ids=False)
             # Greedy: target argmaxes, of which the first acc equal the drafts. Sampling: the accepted drafts, then
             # the drawn token. Either way positions 0..acc are the round's tokens.
             emitted = tgt
