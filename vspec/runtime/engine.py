@@ -21,7 +21,7 @@ from .. import ops
 from .capture import ScoreCapture, capturing
 from .config import SpecConfig
 from .models import Prompt, get_adapter
-from .state import ModelState
+from .state import ModelState, padded_indices
 
 
 @dataclass
@@ -216,7 +216,7 @@ class SpecDecoder:
         prune = cfg.prune if stats.total_visual_tokens else "none"
         need_scores = prune in ("semantic", "attention")
         pos_ids = self.t_adapter.model_position_ids(prompt.positions)
-        visual_idx = _padded_indices(vis)
+        visual_idx = padded_indices(vis)
 
         # ---- target prefill (scores captured from its q/k when the target is the prune source) ----------
         capture = None
@@ -424,15 +424,6 @@ class SpecDecoder:
 
         width = int(n_out.max())
         return out[:, :width]
-
-
-def _padded_indices(mask: torch.Tensor) -> torch.Tensor:
-    """``[B, L]`` bool → ``[B, Nmax]`` int64 ascending indices of True entries, −1 padded."""
-    counts = mask.sum(dim=1)
-    n_max = int(counts.max()) if mask.numel() else 0
-    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :n_max]
-    keep = torch.arange(n_max, device=mask.device)[None, :] < counts[:, None]
-    return torch.where(keep, order, torch.full_like(order, -1))
 
 
 def _semantics(embeds_row: torch.Tensor, spans, visual_idx_row: torch.Tensor):

@@ -16,6 +16,15 @@ from .. import ops
 from .models import ModelAdapter
 
 
+def padded_indices(mask: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` bool → ``[B, Nmax]`` int64 ascending column indices of the True entries, −1 padded."""
+    counts = mask.sum(dim=1)
+    n_max = int(counts.max()) if mask.numel() else 0
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :n_max]
+    keep = torch.arange(n_max, device=mask.device)[None, :] < counts[:, None]
+    return torch.where(keep, order, torch.full_like(order, -1))
+
+
 class ModelState:
     """Cache + validity mask of one model for the active batch rows.
 
@@ -84,14 +93,11 @@ class ModelState:
 
     def compact_(self) -> None:
         """Move every row's valid slots to the front of its cache (one ``compact_kv_`` over all layers and k/v)."""
-        counts = self.valid.sum(dim=1)
-        k_max = int(counts.max())
-        order = torch.argsort((~self.valid).to(torch.int8), dim=1, stable=True)[:, :k_max]
-        keep = torch.arange(k_max, device=self.valid.device)[None, :] < counts[:, None]
-        src_idx = torch.where(keep, order, torch.full_like(order, -1))
+        src_idx = padded_indices(self.valid)
+        k_max = src_idx.shape[1]
         kv = torch.stack([torch.stack([layer.keys, layer.values]) for layer in self.cache.layers])
         ops.compact_kv_(kv, src_idx, 0)
         for i, layer in enumerate(self.cache.layers):
             layer.keys = kv[i, 0, :, :, :k_max].clone()
             layer.values = kv[i, 1, :, :, :k_max].clone()
-        self.valid = keep
+        self.valid = src_idx >= 0

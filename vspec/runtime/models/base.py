@@ -57,7 +57,8 @@ class ModelAdapter:
 
     @property
     def visual_token_ids(self) -> tuple[int, ...]:
-        raise NotImplementedError
+        """``(image_token_id, video_token_id)`` of the model's config."""
+        return (self.config.image_token_id, self.config.video_token_id)
 
     # ---- prompts ---------------------------------------------------------------------------------
     def prompt_positions(self, input_ids, attention_mask, model_kwargs) -> torch.Tensor:

@@ -13,10 +13,6 @@ class LlavaOnevisionAdapter(ModelAdapter):
     family = "llava_onevision"
     position_rows = 1
 
-    @property
-    def visual_token_ids(self) -> tuple[int, ...]:
-        return (self.config.image_token_id, self.config.video_token_id)
-
     def prompt_positions(self, input_ids, attention_mask, model_kwargs) -> torch.Tensor:
         # What generate uses: the cumulative count of valid tokens.
         pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)

@@ -11,10 +11,6 @@ class QwenVLAdapter(ModelAdapter):
     family = "qwen_vl"
     position_rows = 3
 
-    @property
-    def visual_token_ids(self) -> tuple[int, ...]:
-        return (self.config.image_token_id, self.config.video_token_id)
-
     def complete_kwargs(self, input_ids, attention_mask, model_kwargs) -> dict:
         kwargs = dict(model_kwargs)
         if kwargs.get("mm_token_type_ids") is None:
