@@ -7,7 +7,8 @@ Serial chain schedule, per round and for every active batch row b:
 3. ``verify_greedy`` / ``verify_sampling`` give ``accept_len[b]`` and the correction/bonus token;
 4. rejected slots become holes in both caches (see :mod:`vspec.runtime.state`); positions never move.
 
-One host sync per round (the accepted lengths). Rows that hit EOS or ``max_new_tokens`` leave the batch.
+One host sync per round (accept lengths, finished rows and cache extents read together). Rows that hit EOS or
+``max_new_tokens`` leave the batch.
 """
 
 from __future__ import annotations
@@ -318,112 +319,167 @@ class SpecDecoder:
     def _decode(self, prompt, target, draft, first, max_new_tokens, eos_ids, pad, stats, sampling, generator,
                 streamer):
         gamma = self.config.draft_len
-        device = first.device
-        B = first.shape[0]
-        out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
-        n_out = torch.zeros(B, dtype=torch.long, device=device)
-        out[:, 0] = first
-        n_out[:] = 1
+        lp = _Loop(first, prompt.next_pos + 1, max_new_tokens, gamma, pad, eos_ids)
         if streamer is not None:
             streamer.put(prompt.input_ids.cpu())
             streamer.put(first.cpu())
-        done = torch.isin(first, eos_ids) | (n_out >= max_new_tokens)
-        rows = torch.arange(B, device=device)  # original batch index of each active row
-        next_pos = prompt.next_pos + 1  # logical position of the token after `last`, per active row
-        # Committed tokens not yet in each model's cache (right-aligned, -1 = none): target 1, draft 1 or 2.
-        pend_d = torch.stack([torch.full_like(first, -1), first], dim=1)
-        last = first.clone()
-
+        # Rows that the prefill's token already ended leave before the first round.
+        keep = [j for j, d in enumerate((torch.isin(first, eos_ids) | (max_new_tokens <= 1)).tolist()) if not d]
+        if not keep:
+            return lp.result()
+        if len(keep) < first.shape[0]:
+            idx = torch.tensor(keep, dtype=torch.long, device=first.device)
+            for part in (lp, target, draft):
+                part.select_rows(idx)
         while True:
-            active = ~done[rows]
-            if not bool(active.all()):
-                keep = active.nonzero().flatten()
-                if keep.numel() == 0:
-                    break
-                rows, next_pos, pend_d, last = rows[keep], next_pos[keep], pend_d[keep], last[keep]
-                target.select_rows(keep)
-                draft.select_rows(keep)
-            budget = max_new_tokens - n_out[rows]  # tokens each row may still emit
-
-            # ---- draft: catch up on pending tokens, then propose γ tokens -----------------------------
-            has = pend_d >= 0
-            width = 2 if bool(has[:, 0].any()) else 1
-            feed = pend_d[:, -width:]
-            feed_valid = has[:, -width:]
-            feed_pos = (next_pos - width)[:, None] + torch.arange(width, device=device)[None]
-            logits = draft.forward(input_ids=feed.clamp_min(0), positions=self.d_adapter.decode_positions(feed_pos),
-                                   new_valid=feed_valid, logits_to_keep=1)[:, -1]
-            d_tokens, d_probs = [], []
-            pos = next_pos.clone()
-            for i in range(gamma):
-                if sampling is not None:
-                    probs = _warp(logits, *sampling).softmax(dim=-1)
-                    tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-                    d_probs.append(probs)
-                else:
-                    tok = logits.argmax(dim=-1)
-                d_tokens.append(tok)
-                if i + 1 < gamma:
-                    logits = draft.forward(input_ids=tok[:, None],
-                                           positions=self.d_adapter.decode_positions(pos[:, None]),
-                                           new_valid=torch.ones_like(tok, dtype=torch.bool)[:, None],
-                                           logits_to_keep=1)[:, -1]
-                    pos = pos + 1
-            drafts = torch.stack(d_tokens, dim=1)  # [B, γ]
-
-            # ---- target: one forward over [last, d_1 .. d_γ] ----------------------------------------
-            t_in = torch.cat([last[:, None], drafts], dim=1)
-            t_pos = (next_pos - 1)[:, None] + torch.arange(gamma + 1, device=device)[None]
+            drafts, d_probs = self._draft_chain(draft, lp, sampling, generator)
             t_base = target.length
-            t_logits = target.forward(input_ids=t_in, positions=self.t_adapter.decode_positions(t_pos),
-                                      new_valid=torch.ones_like(t_in, dtype=torch.bool))
-            if sampling is None:
-                acc, tgt = ops.verify_greedy(t_logits, drafts, check_ids=False)
-            else:
-                warped = _warp(t_logits, *sampling)
-                acc, tgt = ops.verify_sampling(warped, torch.stack(d_probs, dim=1), drafts, temperature=1.0,
-                                               generator=generator, check_ids=False)
-            # Greedy: target argmaxes, of which the first acc equal the drafts. Sampling: the accepted drafts, then
-            # the drawn token. Either way positions 0..acc are the round's tokens.
-            emitted = tgt
-            # Truncate at EOS (inclusive) and at the budget.
-            n_new = acc + 1
-            idx = torch.arange(gamma + 1, device=device)[None]
-            is_eos = torch.isin(emitted, eos_ids) & (idx < n_new[:, None])
-            first_eos = torch.where(is_eos, idx, gamma + 1).amin(dim=1)
-            n_new = torch.minimum(torch.minimum(n_new, first_eos + 1), budget)
-            n_new_h, acc_h = n_new.tolist(), acc.tolist()  # the round's one host sync
-
-            stats.rounds += 1
-            for a, n in zip(acc_h, n_new_h):
-                stats.row_rounds += 1
-                stats.emitted += n
-                stats.accept_histogram[a] += 1
-            for j, (r, n) in enumerate(zip(rows.tolist(), n_new_h)):
-                start = int(n_out[r])
-                out[r, start:start + n] = emitted[j, :n]
-            if streamer is not None and n_new_h[0] > 0:
-                streamer.put(emitted[0, :n_new_h[0]].cpu())
-            n_out[rows] += n_new
-            done[rows] |= (first_eos < n_new) | (n_out[rows] >= max_new_tokens)
-
-            # ---- roll both caches back to what was accepted ----------------------------------------
-            # target cache holds [last, d_1..d_γ]: valid are last + the first acc accepted drafts
-            target.invalidate(t_base + 1 + acc, t_base + gamma + 1)
-            # draft cache holds the pending feed + d_1..d_{γ-1}: valid are d_1..d_min(acc, γ-1)
+            t_logits = self._target_chain(target, lp, drafts)
+            acc, emitted = self._verify(t_logits, drafts, d_probs, sampling, generator)
+            n_new, fin = lp.commit(acc, emitted)
+            # Roll both caches back by marking rejected slots as holes (device ops; lengths trimmed after the sync).
+            # target holds [last, d_1..d_γ]: valid are last + the first acc drafts.
+            target.invalidate(t_base + 1 + acc, t_base + gamma + 1, trim=False)
+            # draft holds its pending feed + d_1..d_{γ-1}: valid are d_1..d_min(acc, γ-1).
             d_base = draft.length - (gamma - 1)
-            draft.invalidate(d_base + torch.clamp(acc, max=gamma - 1), draft.length)
-            last = torch.gather(emitted, 1, (n_new - 1).clamp_min(0)[:, None]).squeeze(1)
-            all_acc = acc == gamma
-            pend_d = torch.stack([torch.where(all_acc, drafts[:, -1], -1), last], dim=1)
-            next_pos = next_pos + n_new
-            for state in (target, draft):
-                if state.holes() >= self.config.compact_holes:
-                    state.compact_()
-                    stats.compactions += 1
+            draft.invalidate(d_base + torch.clamp(acc, max=gamma - 1), draft.length, trim=False)
+            lp.pend_d = torch.stack([torch.where(acc == gamma, drafts[:, -1], -1), lp.last], dim=1)
+            if not self._end_round(lp, target, draft, acc, n_new, fin, emitted, stats, streamer):
+                break
+        return lp.result()
 
-        width = int(n_out.max())
-        return out[:, :width]
+    def _draft_chain(self, draft: ModelState, lp: _Loop, sampling, generator):
+        """Feed the draft the committed tokens it has not seen, then let it propose γ tokens (γ forwards).
+
+        Returns ``drafts [B, γ]`` and, when sampling, the draft's warped distributions ``[B, γ, V]``.
+        """
+        gamma = self.config.draft_len
+        device = lp.last.device
+        w = lp.pend_width
+        feed = lp.pend_d[:, -w:]
+        feed_pos = (lp.next_pos - w)[:, None] + torch.arange(w, device=device)[None]
+        logits = draft.forward(input_ids=feed.clamp_min(0), positions=self.d_adapter.decode_positions(feed_pos),
+                               new_valid=feed >= 0, logits_to_keep=1)[:, -1]
+        d_tokens, d_probs = [], []
+        pos = lp.next_pos
+        ones = torch.ones_like(lp.last, dtype=torch.bool)[:, None]
+        for i in range(gamma):
+            if sampling is not None:
+                probs = _warp(logits, *sampling).softmax(dim=-1)
+                tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                d_probs.append(probs)
+            else:
+                tok = logits.argmax(dim=-1)
+            d_tokens.append(tok)
+            if i + 1 < gamma:
+                logits = draft.forward(input_ids=tok[:, None], positions=self.d_adapter.decode_positions(pos[:, None]),
+                                       new_valid=ones, logits_to_keep=1)[:, -1]
+                pos = pos + 1
+        return torch.stack(d_tokens, dim=1), (torch.stack(d_probs, dim=1) if d_probs else None)
+
+    def _target_chain(self, target: ModelState, lp: _Loop, drafts: torch.Tensor) -> torch.Tensor:
+        """One target forward over ``[last, d_1 .. d_γ]``; logits ``[B, γ+1, V]``."""
+        t_in = torch.cat([lp.last[:, None], drafts], dim=1)
+        t_pos = (lp.next_pos - 1)[:, None] + torch.arange(t_in.shape[1], device=t_in.device)[None]
+        return target.forward(input_ids=t_in, positions=self.t_adapter.decode_positions(t_pos),
+                              new_valid=torch.ones_like(t_in, dtype=torch.bool))
+
+    def _verify(self, t_logits, drafts, d_probs, sampling, generator):
+        """``(accept_len [B], tokens [B, γ+1])``: tokens[:, :acc+1] are the round's tokens (accepted drafts, then
+        the target's correction or bonus token)."""
+        if sampling is None:
+            return ops.verify_greedy(t_logits, drafts, check_ids=False)
+        return ops.verify_sampling(_warp(t_logits, *sampling), d_probs, drafts, temperature=1.0, generator=generator,
+                                   check_ids=False)
+
+    def _end_round(self, lp: _Loop, target: ModelState, draft: ModelState, acc, n_new, fin, emitted, stats,
+                   streamer) -> bool:
+        """The round's ONE host sync: accept lengths, finished rows and both caches' extents.
+
+        Updates stats, streams, trims and (when holes pile up) compacts both caches, drops finished rows.
+        Returns False when no row is left.
+        """
+        B = acc.shape[0]
+        host = torch.cat([acc, n_new, fin.long(), target.extent(), draft.extent()]).tolist()
+        acc_h, n_new_h, fin_h = host[:B], host[B:2 * B], host[2 * B:3 * B]
+        t_used, t_full, d_used, d_full = host[3 * B:]
+        stats.rounds += 1
+        stats.row_rounds += B
+        stats.emitted += sum(n_new_h)
+        for a in acc_h:
+            stats.accept_histogram[a] += 1
+        if streamer is not None and n_new_h[0] > 0:
+            streamer.put(emitted[0, :n_new_h[0]].cpu())
+        for state, used, full in ((target, t_used, t_full), (draft, d_used, d_full)):
+            state.truncate(used)
+            if used - full >= self.config.compact_holes:
+                state.compact_()
+                stats.compactions += 1
+        keep = [j for j, f in enumerate(fin_h) if not f]
+        if not keep:
+            return False
+        if len(keep) < B:
+            idx = torch.tensor(keep, dtype=torch.long, device=acc.device)
+            for part in (lp, target, draft):
+                part.select_rows(idx)
+            acc_h = [acc_h[j] for j in keep]
+            acc = acc[idx]
+        lp.pend_width = 2 if max(acc_h) == self.config.draft_len else 1
+        return True
+
+
+class _Loop:
+    """Bookkeeping of the decode loop over the active batch rows (device tensors, no host syncs).
+
+    out: ``[B, max_new_tokens + γ + 1]`` generated tokens per ORIGINAL row (the tail is scratch for masked
+    scatters); n_out: tokens each original row has; rows: original index of each active row; next_pos: logical
+    position of the token after ``last``; last: each active row's last committed token (not yet in the target's
+    cache); pend_d: committed tokens the draft has not seen, right-aligned, −1 = none; pend_width: host-known
+    number of columns of pend_d to feed (2 only after a round in which some row accepted every draft token).
+    """
+
+    def __init__(self, first, next_pos, max_new_tokens, gamma, pad, eos_ids):
+        B = first.shape[0]
+        device = first.device
+        self.max_new_tokens = max_new_tokens
+        self.eos_ids = eos_ids
+        self.out = torch.full((B, max_new_tokens + gamma + 1), pad, dtype=torch.long, device=device)
+        self.out[:, 0] = first
+        self.n_out = torch.ones(B, dtype=torch.long, device=device)
+        self.rows = torch.arange(B, device=device)
+        self.next_pos = next_pos
+        self.last = first.clone()
+        self.pend_d = torch.stack([torch.full_like(first, -1), first], dim=1)
+        self.pend_width = 1
+
+    def commit(self, acc: torch.Tensor, emitted: torch.Tensor):
+        """Cut each row's round tokens ``emitted[:, :acc+1]`` at EOS (inclusive) and the budget, append them.
+
+        Returns ``(n_new [B], finished [B] bool)``; updates last and next_pos.
+        """
+        R = emitted.shape[1]
+        idx = torch.arange(R, device=acc.device)[None]
+        n_new = acc + 1
+        is_eos = torch.isin(emitted, self.eos_ids) & (idx < n_new[:, None])
+        first_eos = torch.where(is_eos, idx, R).amin(dim=1)
+        budget = self.max_new_tokens - self.n_out[self.rows]
+        n_new = torch.minimum(torch.minimum(n_new, first_eos + 1), budget)
+        cols = self.n_out[self.rows][:, None] + idx
+        cols = torch.where(idx < n_new[:, None], cols, self.out.shape[1] - 1)  # masked slots hit the scratch tail
+        self.out[self.rows[:, None].expand_as(cols), cols] = emitted.clamp_min(0)
+        self.n_out[self.rows] += n_new
+        fin = (first_eos < n_new) | (self.n_out[self.rows] >= self.max_new_tokens)
+        self.last = torch.gather(emitted, 1, (n_new - 1).clamp_min(0)[:, None]).squeeze(1)
+        self.next_pos = self.next_pos + n_new
+        return n_new, fin
+
+    def select_rows(self, idx: torch.Tensor) -> None:
+        self.rows, self.next_pos, self.last = self.rows[idx], self.next_pos[idx], self.last[idx]
+        self.pend_d = self.pend_d[idx]
+
+    def result(self) -> torch.Tensor:
+        width = int(self.n_out.max())
+        return self.out[:, :width]
 
 
 def _semantics(embeds_row: torch.Tensor, spans, visual_idx_row: torch.Tensor):

@@ -73,12 +73,23 @@ class ModelState:
             layer.values = layer.values[..., :n, :]
         self.valid = self.valid[:, :n]
 
-    def invalidate(self, start: torch.Tensor, stop: int) -> None:
-        """Mark slots ``[start[b], stop)`` of every row b as holes, then drop trailing all-hole slots."""
+    def invalidate(self, start: torch.Tensor, stop: int, *, trim: bool = True) -> None:
+        """Mark slots ``[start[b], stop)`` of every row b as holes.
+
+        With ``trim`` the trailing all-hole slots are dropped at once (a host sync); the decode loop passes
+        ``trim=False`` and calls :meth:`truncate` with the length from :meth:`extent`, read in its one sync.
+        """
         cols = torch.arange(self.length, device=self.valid.device)
         self.valid &= ~((cols[None, :] >= start[:, None]) & (cols[None, :] < stop))
-        used = self.valid.any(dim=0).nonzero()
-        self.truncate(int(used.max()) + 1 if used.numel() else 0)
+        if trim:
+            self.truncate(int(self.extent()[0]))
+
+    def extent(self) -> torch.Tensor:
+        """Device tensor ``[2]``: (slots up to the last one any row uses, valid slots of the fullest row)."""
+        cols = torch.arange(1, self.length + 1, device=self.valid.device)
+        used = torch.where(self.valid.any(dim=0), cols, 0).amax() if self.length else cols.new_zeros(())
+        fullest = self.valid.sum(dim=1).amax() if self.length else cols.new_zeros(())
+        return torch.stack([used, fullest])
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only batch rows ``rows`` (finished rows stop costing work)."""
