@@ -1,0 +1,256 @@
+"""``python -m vspec bench quality``: acceptance against visual pruning, and loose against strict verification.
+
+On held-out clips of the synthetic task, with the shipped target/draft pair:
+
+1. strict verification, MAL for every prune method at keep ratios 1.0, 0.5, 0.25, 0.1, 0.05 (at 1.0 every
+   method keeps every token, so one ``prune="none"`` run stands for all of them);
+2. the anchor detectors measured against the task's known anchor vocabulary (how well relevance separates anchor
+   words from fillers: ROC AUC over the draft tokens of every round);
+3. loose verification at the default prune setting: MAL, outputs identical to strict, and task score relative
+   to strict, for each detector and threshold and a few filler rules.
+
+Writes ``quality.csv`` (every run), ``detectors.csv`` and ``quality.png`` to ``--out``, and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..runtime.anchors import tracing
+from ..runtime.config import LooseConfig, SpecConfig
+from ..runtime.engine import SpecDecoder
+from .evaluate import Result, run_method, workload
+from .models import load_pair
+from .task import anchor_token_ids
+
+RATIOS = (1.0, 0.5, 0.25, 0.1, 0.05)
+METHODS = ("semantic", "attention", "uniform", "random")
+FIELDS = ["section", "label", "prune", "keep_ratio", "verify", "detector", "threshold", "top_k", "min_prob_ratio",
+          "shift", "entropy_gate", "draft_len", "clips", "mal", "target_calls_per_token", "identical", "score",
+          "score_rel_strict", "loose_accepted", "kept_visual", "total_visual", "tokens", "seconds"]
+
+
+def _row(section: str, res: Result, cfg: SpecConfig | None, clips: int, strict_score: float | None) -> dict:
+    lc = cfg.loose if cfg is not None and cfg.verify == "loose" else None
+    return {
+        "section": section, "label": res.label,
+        "prune": cfg.prune if cfg else "", "keep_ratio": cfg.keep_ratio if cfg else "",
+        "verify": cfg.verify if cfg else "", "detector": lc.detector if lc else "",
+        "threshold": lc.threshold if lc else "", "top_k": lc.top_k if lc else "",
+        "min_prob_ratio": lc.min_prob_ratio if lc else "", "shift": lc.shift if lc else "",
+        "entropy_gate": lc.entropy_gate if lc else "", "draft_len": cfg.draft_len if cfg else "",
+        "clips": clips, "mal": round(res.mal, 4), "target_calls_per_token": round(res.target_calls_per_token, 4),
+        "identical": res.identical, "score": round(res.score, 4),
+        "score_rel_strict": round(res.score / strict_score, 4) if strict_score else "",
+        "loose_accepted": res.loose_accepted, "kept_visual": res.kept_visual, "total_visual": res.total_visual,
+        "tokens": res.tokens, "seconds": round(res.seconds, 3),
+    }
+
+
+def _auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """P(relevance of a random anchor > that of a random filler), ties counting half (Mann-Whitney)."""
+    if pos.numel() == 0 or neg.numel() == 0:
+        return float("nan")
+    allv = torch.cat([pos, neg]).double()
+    ranks = torch.empty_like(allv)
+    order = allv.argsort()
+    ranks[order] = torch.arange(1, allv.numel() + 1, dtype=torch.float64)
+    # average ranks of ties
+    uniq, inv = torch.unique(allv, return_inverse=True)
+    sums = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, ranks)
+    cnts = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, torch.ones_like(ranks))
+    ranks = (sums / cnts)[inv]
+    r_pos = ranks[: pos.numel()].sum()
+    return float((r_pos - pos.numel() * (pos.numel() + 1) / 2) / (pos.numel() * neg.numel()))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="vspec bench quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder for quality.csv, detectors.csv and quality.png")
+    p.add_argument("--clips", type=int, default=48, help="held-out clips (default 48)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--draft-len", type=int, default=6)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--prune", default="semantic", help="prune method of the loose sweep (default semantic)")
+    p.add_argument("--keep-ratio", type=float, default=0.1, help="keep ratio of the loose sweep (default 0.1)")
+    p.add_argument("--quick", action="store_true", help="fewer settings (for smoke tests)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest for these tiny models)")
+    p.add_argument("--weights", default=None, help="folder with target/ and draft/ (default: the shipped pair)")
+    args = p.parse_args(argv)
+    if args.clips < 1 or args.batch_size < 1 or args.draft_len < 1 or args.max_new_tokens < 1:
+        p.error("--clips, --batch-size, --draft-len and --max-new-tokens must be >= 1")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+
+    try:
+        target, draft, tok = load_pair(weights_dir=args.weights)
+    except FileNotFoundError as e:
+        print(f"vspec bench quality: {e}", file=sys.stderr)
+        return 2
+    wl = workload(args.clips, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, target=target,
+                  tokenizer=tok)
+    rows: list[dict] = []
+
+    def spec(cfg):
+        dec = SpecDecoder(target, draft, cfg)
+        return lambda inputs: dec.generate(**inputs, max_new_tokens=args.max_new_tokens)
+
+    def say(msg):
+        print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    ref = run_method("target.generate", wl, lambda inputs: target.generate(
+        **inputs, max_new_tokens=args.max_new_tokens, do_sample=False))
+    rows.append(_row("reference", ref, None, wl.clips, None))
+    say(f"target.generate: score {ref.score:.4f}")
+
+    # ---- 1. strict: MAL against keep ratio -------------------------------------------------------------
+    ratios = (1.0, 0.25, 0.1) if args.quick else RATIOS
+    methods = ("semantic", "random") if args.quick else METHODS
+    full_cfg = SpecConfig(draft_len=args.draft_len, prune="none", keep_ratio=1.0)
+    full = run_method("strict prune=none keep=1", wl, spec(full_cfg))
+    rows.append(_row("pruning", full, full_cfg, wl.clips, ref.score))
+    say(f"strict none 1.0: MAL {full.mal:.3f}")
+    mal = {m: {1.0: full.mal} for m in methods}
+    strict_default = None
+    for m in methods:
+        for r in ratios:
+            if r == 1.0:
+                continue
+            cfg = SpecConfig(draft_len=args.draft_len, prune=m, keep_ratio=r)
+            res = run_method(f"strict prune={m} keep={r:g}", wl, spec(cfg))
+            rows.append(_row("pruning", res, cfg, wl.clips, ref.score))
+            mal[m][r] = res.mal
+            if m == args.prune and r == args.keep_ratio:
+                strict_default = res
+            say(f"strict {m} {r:g}: MAL {res.mal:.3f} identical {res.identical}/{res.rows}")
+    if strict_default is None:
+        cfg = SpecConfig(draft_len=args.draft_len, prune=args.prune, keep_ratio=args.keep_ratio)
+        strict_default = run_method(f"strict prune={args.prune} keep={args.keep_ratio:g}", wl, spec(cfg))
+        rows.append(_row("pruning", strict_default, cfg, wl.clips, ref.score))
+
+    # ---- 2. detectors against the known anchor vocabulary ----------------------------------------------
+    anchors = torch.tensor(anchor_token_ids(tok))
+    det_rows = []
+    detector_settings = [("hidden", dict(layer=-1)), ("hidden", dict(layer=1)), ("attention", {})]
+    if not args.quick:
+        detector_settings += [("hidden", dict(layer=2)), ("attention", dict(attention_layers=(0, 1, 2, 3)))]
+    thresholds: dict[tuple, list[float]] = {}
+    for det, extra in detector_settings:
+        lc = LooseConfig(detector=det, threshold=float("inf"), **extra)  # nothing strict-by-threshold: just trace
+        cfg = SpecConfig(draft_len=args.draft_len, prune=args.prune, keep_ratio=args.keep_ratio, verify="loose",
+                         loose=lc)
+        with tracing() as trace:
+            run_method("trace", wl, spec(cfg))
+        drafts = torch.cat([d.flatten() for d, _ in trace])
+        rel = torch.cat([r.flatten() for _, r in trace]).float()
+        is_anchor = torch.isin(drafts, anchors)
+        auc = _auc(rel[is_anchor], rel[~is_anchor])
+        key = (det, tuple(sorted(extra.items())))
+        qs = torch.tensor([0.2, 0.4, 0.6, 0.8])
+        thresholds[key] = [round(float(v), 4) for v in torch.quantile(rel, qs)]
+        det_rows.append({"detector": det, "setting": str(extra) or "default", "draft_tokens": rel.numel(),
+                         "anchor_share": round(float(is_anchor.float().mean()), 4), "auc": round(auc, 4),
+                         "relevance_anchor_mean": round(float(rel[is_anchor].mean()), 4),
+                         "relevance_filler_mean": round(float(rel[~is_anchor].mean()), 4),
+                         "quantiles_20_40_60_80": thresholds[key]})
+        say(f"detector {det} {extra}: AUC {auc:.3f} over {rel.numel()} draft tokens")
+
+    # ---- 3. loose against strict ------------------------------------------------------------------------
+    def loose_run(label, lc):
+        cfg = SpecConfig(draft_len=args.draft_len, prune=args.prune, keep_ratio=args.keep_ratio, verify="loose",
+                         loose=lc)
+        res = run_method(label, wl, spec(cfg))
+        row = _row("loose", res, cfg, wl.clips, strict_default.score)
+        row["identical_to_strict"] = res.identical
+        rows.append(row)
+        rel = res.score / strict_default.score if strict_default.score else float("nan")
+        say(f"{label}: MAL {res.mal:.3f} ({res.mal / strict_default.mal:.2f}x strict) score {rel:.4f} of strict, "
+            f"identical to strict {res.identical}/{res.rows}")
+        return res
+
+    rows.append(_row("loose", strict_default, SpecConfig(draft_len=args.draft_len, prune=args.prune,
+                                                         keep_ratio=args.keep_ratio), wl.clips, strict_default.score))
+    # filler rules: with no anchors and with the oracle anchors (the best a detector can do), then every
+    # detector setting at the quantile thresholds with the default rule
+    rules = [dict()] if args.quick else [dict(), dict(top_k=5, min_prob_ratio=0.1, entropy_gate=0.0),
+                                         dict(top_k=2, min_prob_ratio=0.5, shift=0), dict(shift=0)]
+    for rule in rules:
+        loose_run(f"loose none {rule}", LooseConfig(detector="none", **rule))
+        loose_run(f"loose oracle-ids {rule}", LooseConfig(detector="token_ids",
+                                                          anchor_token_ids=tuple(anchors.tolist()), **rule))
+    for (det, extra_items), qs in thresholds.items():
+        extra = dict(extra_items)
+        for th in (qs if not args.quick else qs[1:2]):
+            loose_run(f"loose {det} {extra} th={th}", LooseConfig(detector=det, threshold=th, **extra))
+
+    # ---- write ------------------------------------------------------------------------------------------
+    fields = FIELDS + ["identical_to_strict"]
+    with open(out / "quality.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in fields})
+    with open(out / "detectors.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(det_rows[0]))
+        w.writeheader()
+        w.writerows(det_rows)
+    _plot(out / "quality.png", mal, [r for r in rows if r["section"] == "loose"], strict_default)
+    print(f"\nheld-out clips: {wl.clips}; draft_len {args.draft_len}; max_new_tokens {args.max_new_tokens}; "
+          f"target task score {ref.score:.4f}")
+    print("MAL (strict) by keep ratio:")
+    print("  method      " + " ".join(f"{r:>6g}" for r in sorted(mal[methods[0]], reverse=True)))
+    for m in methods:
+        print(f"  {m:<11} " + " ".join(f"{mal[m][r]:6.3f}" for r in sorted(mal[m], reverse=True)))
+    print(f"wrote {out / 'quality.csv'}, {out / 'detectors.csv'}, {out / 'quality.png'} "
+          f"({time.perf_counter() - t_start:.0f} s)")
+    return 0
+
+
+def _plot(path: Path, mal: dict, loose_rows: list[dict], strict: Result) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'vspec[plot]'): no PNG written", file=sys.stderr)
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for m, by_ratio in mal.items():
+        rs = sorted(by_ratio)
+        a.plot(rs, [by_ratio[r] for r in rs], marker="o", label=m)
+    a.set_xscale("log")
+    a.set_xlabel("keep ratio (visual tokens the draft sees)")
+    a.set_ylabel("mean accepted length (strict)")
+    a.set_title("Acceptance against visual pruning")
+    a.legend()
+    a.grid(alpha=0.3)
+    for r in loose_rows:
+        if r["verify"] != "loose":
+            continue
+        b.scatter(r["mal"] / strict.mal, r["score_rel_strict"], s=14,
+                  c={"none": "grey", "token_ids": "black", "hidden": "tab:blue", "attention": "tab:orange"}
+                  [r["detector"]])
+    b.scatter([1.0], [1.0], marker="*", s=120, c="red", label="strict")
+    for det, c in (("none", "grey"), ("token_ids", "black"), ("hidden", "tab:blue"), ("attention", "tab:orange")):
+        b.scatter([], [], c=c, s=14, label=det)
+    b.axhline(0.998, ls="--", c="red", lw=0.8)
+    b.set_xlabel("MAL relative to strict")
+    b.set_ylabel("task score relative to strict")
+    b.set_title("Loose verification")
+    b.legend(fontsize=8)
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
