@@ -3,6 +3,8 @@
 * Without a CUDA device the Triton kernels run through Triton's CPU interpreter: ``TRITON_INTERPRET=1`` is
   set here, before anything imports triton.
 * Every test starts from a fixed seed.
+* On CPU torch runs on one thread: the test models are tiny, and intra-op threads only add overhead (and make
+  timings swing wildly on a shared 2-core machine). ``VSPEC_TEST_THREADS`` overrides.
 * ``poison`` fills a fresh output buffer with NaN (floats) or −1 (integers) so unwritten elements fail.
 """
 
@@ -21,6 +23,9 @@ if not _cuda_present():
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    torch.set_num_threads(int(os.environ.get("VSPEC_TEST_THREADS", "1")))
 
 
 @pytest.fixture(autouse=True)

@@ -5,14 +5,16 @@ Public API: :mod:`vspec.ops` (the fused ops), :class:`SpecConfig`, :class:`SpecD
 
 from . import ops
 from .patch import VSpecHandle, apply_vspec
-from .runtime import PruneConfig, SpecConfig, SpecDecoder, SpecOutput, SpecStats
+from .runtime import LooseConfig, PruneConfig, SpecConfig, SpecDecoder, SpecOutput, SpecStats, TreeConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ops",
     "SpecConfig",
+    "LooseConfig",
     "PruneConfig",
+    "TreeConfig",
     "SpecDecoder",
     "SpecOutput",
     "SpecStats",

@@ -291,7 +291,7 @@ def verify_greedy(logits, draft_tokens, *, check_ids=True):
     return _verify_impl(logits, draft_tokens).verify_greedy(logits, draft_tokens)
 
 
-def verify_tree_greedy(logits, tree_tokens, parents, *, check_ids=True):
+def verify_tree_greedy(logits, tree_tokens, parents, *, check_ids=True, width=None):
     """Greedy tree verification.
 
     logits ``[B, N, V]`` target logits at every node (node 0 = root = last committed token); tree_tokens
@@ -301,7 +301,9 @@ def verify_tree_greedy(logits, tree_tokens, parents, *, check_ids=True):
     ``W = max depth + 1`` over all nodes (and all rows when parents is ``[B, N]``); path lists the node
     indices root → deepest accepted node (ties: lowest node index), padded with −1; accept_len is that
     node's depth and next_token the argmax of its logits. Checking parents costs one host sync (the output
-    width needs it anyway).
+    width needs it anyway). ``width`` (= max depth + 1, an int) skips that check and its sync: for callers that
+    build parents themselves (the runtime's tree rounds); parents must then be a valid tree of at most that
+    depth on the logits' device. ``check_ids=False`` skips the token-range check (its host sync).
     """
     _verify_check_float("logits", logits, "[B, N, V]")
     B, N, V = logits.shape
@@ -310,7 +312,16 @@ def verify_tree_greedy(logits, tree_tokens, parents, *, check_ids=True):
         raise ValueError(f"tree_tokens must be [B, N] = {(B, N)} to match logits {tuple(logits.shape)}, "
                          f"got {tuple(tree_tokens.shape)}")
     _check_same_device(logits=logits, tree_tokens=tree_tokens)
-    parents, width = _verify_parents(parents, B, N, logits.device)
+    if width is None:
+        parents, width = _verify_parents(parents, B, N, logits.device)
+    else:
+        _check_tensor("parents", parents, ndim=(1, 2), integer=True)
+        if parents.shape[-1] != N or (parents.ndim == 2 and parents.shape[0] != B):
+            raise ValueError(f"parents must be [N] = [{N}] or [B, N] = [{B}, {N}], got {tuple(parents.shape)}")
+        if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= N:
+            raise ValueError(f"width must be an int in [1, N={N}] (max tree depth + 1), got {width!r}")
+        _check_same_device(logits=logits, parents=parents)
+        parents = parents.long()
     if check_ids:
         _verify_check_ids(V, tree_tokens=tree_tokens)
     if backend_for(logits, tree_tokens) == "triton":
@@ -319,7 +330,7 @@ def verify_tree_greedy(logits, tree_tokens, parents, *, check_ids=True):
         return impl.verify_tree_greedy(logits, tree_tokens, parents, width=width)
     from .kernels import reference as impl
 
-    return impl.verify_tree_greedy(logits, tree_tokens, parents)
+    return impl.verify_tree_greedy(logits, tree_tokens, parents, width=width)
 
 
 def verify_sampling(target_logits, draft_probs, draft_tokens, *, temperature=1.0, generator=None, seed=None,

@@ -198,11 +198,16 @@ def visual_token_count(config, modality: str = "video", *, frames: int = 4, heig
         gh, gw = height // vc.patch_size, width // vc.patch_size
         return t * gh * gw // (vc.spatial_merge_size**2)
     if mt == "llava_onevision":
-        n = config.vision_config.image_size // config.vision_config.patch_size
-        per_frame = math.ceil(n / 2) ** 2
+        size = config.vision_config.image_size
+        n = size // config.vision_config.patch_size
         if modality == "image":
-            raise NotImplementedError("tiny LLaVA-OneVision inputs support video only")
-        return frames * per_frame + 1
+            # One image of the tower's own size: the base tile (n·n tokens) plus one anyres tile (1×1 grid, no
+            # unpadding) with a newline token after each of its n rows. Other grids need the real processor.
+            if [list(p) for p in config.image_grid_pinpoints] != [[size, size]]:
+                raise NotImplementedError("tiny LLaVA-OneVision image inputs need image_grid_pinpoints == "
+                                          f"[[{size}, {size}]], got {config.image_grid_pinpoints}")
+            return n * n + n * (n + 1)
+        return frames * math.ceil(n / 2) ** 2 + 1
     raise ValueError(f"unsupported model_type {mt!r}; supported: {SUPPORTED_FAMILIES}")
 
 
@@ -222,7 +227,8 @@ def make_inputs(
 
     Each row is ``[PAD...] BOS t t VISION_START <visual placeholders> VISION_END t*prompt_len`` with random text
     tokens ``t``; rows differ in ``prompt_lens`` (default ``3, 5, 4, 6, ...``) and in their video/image.
-    ``modality`` is ``"video"``, ``"image"`` (Qwen families) or ``"text"`` (no visual tokens).
+    ``modality`` is ``"video"``, ``"image"`` or ``"text"`` (no visual tokens). LLaVA-OneVision frames and images
+    are ``image_size`` square (``height``/``width`` are not used there); its image inputs carry ``image_sizes``.
     Qwen inputs carry ``mm_token_type_ids`` (0 text, 1 image, 2 video) and, for video, ``second_per_grid_ts``:
     transformers needs both to compute M-RoPE positions. Float tensors are float32 on ``device`` (default: the
     model's device).
@@ -290,9 +296,13 @@ def make_inputs(
             else:
                 out.update(pixel_values=pixels, image_grid_thw=grid)
             out["mm_token_type_ids"] = mm_types
-        else:
+        elif modality == "video":
             size = config.vision_config.image_size
             out["pixel_values_videos"] = torch.randn(batch_size, frames, 3, size, size, generator=gen)
+        else:
+            size = config.vision_config.image_size
+            out["pixel_values"] = torch.randn(batch_size, 2, 3, size, size, generator=gen)  # base tile + 1 anyres
+            out["image_sizes"] = torch.tensor([[size, size]] * batch_size, dtype=torch.long)
     return {k: v.to(device) for k, v in out.items()}
 
 

@@ -188,8 +188,11 @@ def tree_depths(parents: torch.Tensor) -> torch.Tensor:
     return depth
 
 
-def verify_tree_greedy(logits, tree_tokens, parents):
-    """``(accept_len [B], path [B, max_depth + 1], next_token [B])``; see ``vspec.ops.verify_tree_greedy``."""
+def verify_tree_greedy(logits, tree_tokens, parents, width=None):
+    """``(accept_len [B], path [B, max_depth + 1], next_token [B])``; see ``vspec.ops.verify_tree_greedy``.
+
+    ``width`` (max depth + 1), when the caller knows it, saves the host sync that computes it.
+    """
     B, N, _ = logits.shape
     target = logits.float().argmax(-1)  # [B, N]
     par = parents.long().to(logits.device).expand(B, N)
@@ -203,7 +206,8 @@ def verify_tree_greedy(logits, tree_tokens, parents):
     key = torch.where(accepted, depth, -1)
     best_depth = key.max(1).values
     best = (key == best_depth[:, None]).long().argmax(1)  # lowest node index among the deepest
-    width = int(depth.max()) + 1
+    if width is None:
+        width = int(depth.max()) + 1
     path = torch.full((B, width), -1, dtype=torch.long, device=logits.device)
     node = best.clone()
     for d in range(width - 1, -1, -1):

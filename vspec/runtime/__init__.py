@@ -1,6 +1,6 @@
 """The speculative runtime. Never imports triton: it calls :mod:`vspec.ops`, which dispatches."""
 
-from .config import PruneConfig, SpecConfig
+from .config import LooseConfig, PruneConfig, SpecConfig, TreeConfig
 from .engine import SpecDecoder, SpecOutput, SpecStats
 
-__all__ = ["PruneConfig", "SpecConfig", "SpecDecoder", "SpecOutput", "SpecStats"]
+__all__ = ["LooseConfig", "PruneConfig", "SpecConfig", "SpecDecoder", "SpecOutput", "SpecStats", "TreeConfig"]

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 PRUNE_METHODS = ("semantic", "attention", "uniform", "random", "none")
 PRUNE_SOURCES = ("target", "draft")
 VERIFY_MODES = ("strict", "loose")
+PARALLEL_MODES = ("post", "pre", "pearl")
+ANCHOR_DETECTORS = ("hidden", "attention", "token_ids", "none")
 
 
 @dataclass(frozen=True)
@@ -18,14 +20,17 @@ class PruneConfig:
     text queries (capped by the shortest text tail after the last visual token). ``normalize`` is passed to
     ``visual_attention_mass`` ("visual": HIPPO, "all": SpecVLM). ``weights`` = (attention, temporal, spatial)
     for the "semantic" fusion; ``per_frame_floor`` = minimum kept tokens per frame for "semantic";
-    ``mass_fraction`` = SpecVLM's top-mass share for "attention". Defaults are provisional until the quality
-    benchmark (issue 9) tunes them.
+    ``mass_fraction`` = SpecVLM's top-mass share for "attention". The default weights come from a sweep on
+    validation clips of the synthetic task (``vspec.demo``; README, "Quality"): attention plus half of the temporal
+    novelty kept the most acceptance at keep 0.1; the spatial term alone picked no square-holding token there (on
+    a flat background its neighbourhood variance peaks on the NEIGHBOURS of an object), so its weight is 0 by
+    default — set it for textured video.
     """
 
     score_layers: tuple[int, ...] | None = None
     query_rows: int = 64
     normalize: str = "visual"
-    weights: tuple[float, float, float] = (1.0, 0.5, 0.5)
+    weights: tuple[float, float, float] = (1.0, 0.5, 0.0)
     per_frame_floor: int = 1
     mass_fraction: float = 0.4
 
@@ -43,6 +48,141 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
+class LooseConfig:
+    """Loose verification (LVSpec, ``SpecConfig(verify="loose")``): which draft tokens are *anchors* (checked
+    exactly) and how loosely the others (fillers) are checked. NOT lossless: measure fidelity before use.
+
+    detector — how anchors are found during the target's verification forward:
+
+    * ``"hidden"`` (LVSpec): relevance of draft token j = mean of the ``top_n`` largest cosine similarities
+      between its target hidden state (output of decoder layer ``layer``) and the visual tokens' hidden states
+      at the same layer (kept from the prefill); anchor iff relevance >= ``threshold``.
+    * ``"attention"``: fraction of draft token j's attention (softmax over all keys, mean over heads and the
+      ``attention_layers``) that lands on visual keys, from ``ops.visual_attention_mass``; anchor iff >=
+      ``threshold``.
+    * ``"token_ids"``: anchor iff the draft token is in ``anchor_token_ids`` (an oracle for tasks whose anchor
+      vocabulary is known; also what the tests use).
+    * ``"none"``: no anchors, every token is checked loosely.
+
+    Rows without visual tokens are checked strictly by ``"hidden"`` and ``"attention"`` (nothing to be
+    relevant to). The filler rule is ``ops.verify_loose``'s: ``top_k``, ``min_prob_ratio``, ``shift``,
+    ``entropy_gate``, ``window`` (see its docstring). Zero tolerance (``top_k=1, shift=0``) equals strict.
+    Defaults (hidden, layer 1, threshold 0.2, the rule's defaults) are the sweep's best on the demo pair
+    (``python -m vspec bench quality``: highest MAL with task score >= 99.8% of strict). Relevance scales differ
+    between models: calibrate ``threshold`` for your pair (the benchmark prints relevance quantiles).
+    """
+
+    detector: str = "hidden"
+    threshold: float = 0.2
+    top_n: int = 4
+    layer: int = 1
+    attention_layers: tuple[int, ...] = (-1,)
+    anchor_token_ids: tuple[int, ...] = ()
+    top_k: int = 3
+    min_prob_ratio: float = 0.3
+    shift: int = 1
+    entropy_gate: float = 0.3
+    window: int = 1
+
+    def __post_init__(self):
+        if self.detector not in ANCHOR_DETECTORS:
+            raise ValueError(f"LooseConfig.detector must be one of {ANCHOR_DETECTORS}, got {self.detector!r}")
+        if self.top_n < 1:
+            raise ValueError(f"LooseConfig.top_n must be >= 1, got {self.top_n}")
+        if not self.attention_layers:
+            raise ValueError("LooseConfig.attention_layers must name at least one layer")
+        if self.detector == "token_ids" and not self.anchor_token_ids:
+            raise ValueError("LooseConfig(detector='token_ids') needs anchor_token_ids")
+        if self.top_k < 1:
+            raise ValueError(f"LooseConfig.top_k must be >= 1, got {self.top_k}")
+        if not 0.0 <= self.min_prob_ratio <= 1.0:
+            raise ValueError(f"LooseConfig.min_prob_ratio must be in [0, 1], got {self.min_prob_ratio}")
+        if self.shift < 0 or self.window < 1:
+            raise ValueError(f"LooseConfig needs shift >= 0 and window >= 1, got {self.shift}, {self.window}")
+        if not 0.0 <= self.entropy_gate <= 1.0:
+            raise ValueError(f"LooseConfig.entropy_gate must be in [0, 1], got {self.entropy_gate}")
+
+    def rule(self) -> dict:
+        """Keyword arguments of ``ops.verify_loose``."""
+        return dict(top_k=self.top_k, min_prob_ratio=self.min_prob_ratio, shift=self.shift,
+                    entropy_gate=self.entropy_gate, window=self.window)
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    """Tree drafting (``SpecConfig(tree=TreeConfig(...))``): the draft proposes a token tree instead of a chain and
+    the target checks every node in ONE forward (tree attention: a node sees the committed prefix and its own
+    ancestors only), verified by ``ops.verify_tree_greedy``. The longest accepted root path is kept.
+
+    Two kinds of tree:
+
+    * dynamic (``width``, ``depth``; EAGLE-2's expansion without its re-ranking): level 1 holds the draft's
+      top-``width`` tokens after the last committed token; every further level expands each of the ``width``
+      nodes above into its top-``width`` tokens and keeps the ``width`` of those ``width²`` candidates with the
+      highest cumulative draft log-probability. N = 1 + width·depth nodes (root included); the shape is chosen
+      per row and per round. ``TreeConfig(width=1, depth=γ)`` is chain drafting with ``draft_len=γ``.
+    * static (``choices``; Medusa / EAGLE-1 trees): the tree as paths of sibling ranks, e.g.
+      ``((0,), (1,), (0, 0))`` = the draft's best and second-best first token and the best token after the best
+      (:func:`vspec.runtime.trees.tree_from_choices`). ``width`` (largest level) and ``depth`` (longest path) are
+      derived from it and must not be given.
+
+    Per round: ``depth`` draft forwards (the first feeds the committed tokens, each further one the nodes of one
+    level) and one target forward over N tokens. ``SpecConfig.draft_len`` is not used when a tree is set.
+    Greedy decoding only: ``generate(do_sample=True)`` with a tree raises ``ValueError`` (no silent fallback to the
+    chain; lossless tree *sampling* needs a different acceptance rule that vspec does not implement). Trees need
+    an attention implementation that accepts a 4-D float mask (``"sdpa"`` or ``"eager"``; not flash-attention).
+    Defaults (width 3, depth 5: 16 nodes) are provisional, not tuned.
+    """
+
+    width: int | None = None
+    depth: int | None = None
+    choices: tuple[tuple[int, ...], ...] | None = None
+
+    def __post_init__(self):
+        if self.choices is None:
+            width = 3 if self.width is None else self.width
+            depth = 5 if self.depth is None else self.depth
+            for name, v in (("width", width), ("depth", depth)):
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise ValueError(f"TreeConfig.{name} must be an int >= 1, got {v!r}")
+            object.__setattr__(self, "width", width)
+            object.__setattr__(self, "depth", depth)
+            return
+        from .trees import tree_from_choices
+
+        if self.width is not None or self.depth is not None:
+            raise ValueError(f"TreeConfig: give either choices or width/depth, got choices and width={self.width!r}, "
+                             f"depth={self.depth!r}")
+        if isinstance(self.choices, (str, bytes)):
+            raise TypeError(f"TreeConfig.choices must be a sequence of rank tuples, got {self.choices!r}")
+        try:
+            choices = tuple(sorted({tuple(int(c) for c in ch) for ch in self.choices}, key=lambda p: (len(p), p)))
+        except TypeError as exc:
+            raise TypeError(f"TreeConfig.choices must be a sequence of rank tuples, got {self.choices!r}") from exc
+        choices = tuple(ch for ch in choices if ch)
+        if not choices:
+            raise ValueError("TreeConfig.choices must hold at least one non-empty path")
+        try:
+            tree_from_choices(choices)
+        except ValueError as exc:
+            raise ValueError(f"TreeConfig.choices: {exc}") from None
+        present = set(choices)
+        for ch in choices:
+            if ch[-1] > 0 and ch[:-1] + (ch[-1] - 1,) not in present:
+                raise ValueError(f"TreeConfig.choices: {ch} needs its better-ranked sibling {ch[:-1] + (ch[-1] - 1,)}")
+        depth = max(len(ch) for ch in choices)
+        width = max(sum(len(ch) == d for ch in choices) for d in range(1, depth + 1))
+        object.__setattr__(self, "choices", choices)
+        object.__setattr__(self, "width", width)
+        object.__setattr__(self, "depth", depth)
+
+    @property
+    def num_nodes(self) -> int:
+        """Tree nodes per round, the root (last committed token) included: the target's verify forward length."""
+        return 1 + (len(self.choices) if self.choices is not None else self.width * self.depth)
+
+
+@dataclass(frozen=True)
 class SpecConfig:
     """Speculative decoding settings.
 
@@ -52,11 +192,27 @@ class SpecConfig:
     prune_source: ``"target"`` — scores come from the target's prefill and the draft prefills only the kept
     tokens; ``"draft"`` — the draft prefills every token, scores come from its own prefill, then its cache is
     compacted to the kept rows.
-    verify: ``"strict"`` (lossless) or ``"loose"`` (opt-in, not lossless; issue 8).
-    parallel: run the draft of round i+1 while round i is verified (issue 7).
+    verify: ``"strict"`` (lossless) or ``"loose"`` (opt-in, greedy only, NOT lossless: see :class:`LooseConfig`
+    and the fidelity figures in the README); ``loose`` configures it.
+    parallel: parallel speculative decoding (HIPPO / PEARL; :mod:`vspec.runtime.parallel`): the draft works while
+    the target verifies. Same output as serial (lossless); on CUDA the draft runs on its own stream (and may sit on
+    a second device), on the CPU the same schedule runs sequentially.
+    parallel_mode: ``"post"`` — while the target verifies round i, the draft already drafts round i+1 as if
+    round i were fully accepted; kept when every row accepted all drafts and the target's bonus token equals the
+    draft's first speculative token, else discarded. ``"pre"`` — while the draft drafts, the target checks the
+    first draft token (a 1-token forward, one round of its own); the verification of the rest is skipped when
+    every row rejected it. ``"pearl"`` — both (PEARL): pre-verify while drafting, post-verify while verifying.
+    adaptive_draft_len: choose γ from the cost ratio r = T_target / T_draft (one verification forward over one
+    draft forward): γ = clamp(round(r) − 1, 1, draft_len) in ``"post"`` mode (the draft runs γ+1 forwards per
+    verification), clamp(round(r), 1, draft_len) in ``"pre"``/``"pearl"``; ``draft_len`` is the cap. r is
+    ``draft_time_ratio`` when given (deterministic, any device), else measured with CUDA events on the second of
+    two serial warm-up rounds; on the CPU without ``draft_time_ratio`` γ stays ``draft_len`` (reproducible runs).
+    draft_time_ratio: a fixed r for ``adaptive_draft_len`` (e.g. from ``bench/bench_parallel.py``).
     seed: seeds the ``"random"`` pruning and sampling when no generator is passed to ``generate``.
     compact_holes: a model's cache is compacted (``compact_kv_``) once this many physical slots are holes in
     every row (rejected speculative slots of rows that accepted less than their neighbours).
+    tree: ``None`` (chain drafting of ``draft_len`` tokens) or a :class:`TreeConfig` (tree drafting, greedy and
+    ``verify="strict"`` only, serial only).
     """
 
     draft_len: int = 6
@@ -66,9 +222,14 @@ class SpecConfig:
     prune_source: str = "target"
     prune_config: PruneConfig = field(default_factory=PruneConfig)
     verify: str = "strict"
+    loose: LooseConfig = field(default_factory=LooseConfig)
     parallel: bool = False
+    parallel_mode: str = "post"
+    adaptive_draft_len: bool = False
+    draft_time_ratio: float | None = None
     seed: int = 0
     compact_holes: int = 64
+    tree: TreeConfig | None = None
 
     def __post_init__(self):
         if not isinstance(self.draft_len, int) or self.draft_len < 1:
@@ -85,8 +246,24 @@ class SpecConfig:
             raise ValueError(f"SpecConfig.verify must be one of {VERIFY_MODES}, got {self.verify!r}")
         if self.compact_holes < 1:
             raise ValueError(f"SpecConfig.compact_holes must be >= 1, got {self.compact_holes}")
-        if self.verify == "loose":
-            raise NotImplementedError("SpecConfig(verify='loose'): loose verification (issue 8) is not implemented yet")
-        if self.parallel:
-            raise NotImplementedError("SpecConfig(parallel=True): parallel speculative decoding (issue 7) is not "
-                                      "implemented yet")
+        if not isinstance(self.loose, LooseConfig):
+            raise TypeError(f"SpecConfig.loose must be a LooseConfig, got {type(self.loose).__name__}")
+        if self.tree is not None:
+            if not isinstance(self.tree, TreeConfig):
+                raise TypeError(f"SpecConfig.tree must be None or a TreeConfig, got {type(self.tree).__name__}")
+            if self.verify != "strict":
+                raise ValueError(f"SpecConfig.tree needs verify='strict' (tree verification is greedy and exact), "
+                                 f"got verify={self.verify!r}")
+            if self.parallel:
+                raise ValueError("SpecConfig.tree cannot be combined with parallel=True (tree drafting is serial)")
+        if self.parallel_mode not in PARALLEL_MODES:
+            raise ValueError(f"SpecConfig.parallel_mode must be one of {PARALLEL_MODES}, got {self.parallel_mode!r}")
+        if self.draft_time_ratio is not None and not float(self.draft_time_ratio) > 0:
+            raise ValueError(f"SpecConfig.draft_time_ratio must be None or > 0, got {self.draft_time_ratio}")
+        if (self.adaptive_draft_len or self.draft_time_ratio is not None) and not self.parallel:
+            raise ValueError("SpecConfig.adaptive_draft_len / draft_time_ratio need parallel=True")
+        if self.draft_time_ratio is not None and not self.adaptive_draft_len:
+            raise ValueError("SpecConfig.draft_time_ratio is used by adaptive_draft_len=True only; set both")
+        if self.parallel and self.verify == "loose" and self.parallel_mode != "post":
+            raise ValueError(f"SpecConfig(parallel=True, verify='loose') supports parallel_mode='post' only, got "
+                             f"{self.parallel_mode!r}")

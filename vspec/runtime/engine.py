@@ -7,22 +7,29 @@ Serial chain schedule, per round and for every active batch row b:
 3. ``verify_greedy`` / ``verify_sampling`` give ``accept_len[b]`` and the correction/bonus token;
 4. rejected slots become holes in both caches (see :mod:`vspec.runtime.state`); positions never move.
 
+Tree schedule (``SpecConfig.tree``, greedy): the draft expands a token tree one level per forward, the target
+verifies all N nodes in ONE forward under a 4-D tree mask, ``verify_tree_greedy`` picks the accepted root path
+and every node off it becomes a hole (:meth:`SpecDecoder._decode_tree`).
+
 One host sync per round (accept lengths, finished rows and cache extents read together). Rows that hit EOS or
 ``max_new_tokens`` leave the batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from .. import ops
+from .anchors import make_detector
 from .capture import ScoreCapture, capturing
 from .config import SpecConfig
 from .models import Prompt, get_adapter
 from .state import ModelState, padded_indices
+from .trees import TreeLevels, tree_from_choices
 
 
 @dataclass
@@ -31,6 +38,19 @@ class SpecStats:
 
     mean_accepted_length: tokens emitted per verification round and row (correction/bonus token included; the
     prefill's token is not a round). accept_histogram[k]: row-rounds that accepted k draft tokens.
+    loose_accepted: draft tokens accepted by the loose rule although they differ from the target's argmax
+    (``verify="loose"`` only; 0 in strict mode).
+
+    Parallel decoding (``SpecConfig(parallel=True)``; all 0 in serial runs): pre_verify_rounds — rounds whose
+    target forward was the 1-token check of the first draft token, run while the draft drafted (they count as
+    rounds: one target forward each, so MAL is lower than in serial runs by construction);
+    pre_verify_rejected — row-rounds in which that check rejected the first draft token; post_verify_rounds —
+    verification rounds during which the draft speculated the next round; spec_drafts_kept / spec_drafts_discarded —
+    row-rounds whose speculative draft became the next round's draft / was thrown away (rows that finished are
+    not counted); draft_len_used — γ of the last round (differs from ``draft_len`` with ``adaptive_draft_len``);
+    draft_ms / verify_ms / overlap_ms — CUDA-event time of the draft's work, of the target's forwards and of
+    the draft's work that ran while a target forward ran, summed over rounds (0 on the CPU, and overlap_ms
+    stays 0 when the draft sits on another device); overlap_fraction = overlap_ms / draft_ms.
     """
 
     rounds: int = 0
@@ -44,6 +64,16 @@ class SpecStats:
     kept_visual_tokens: int = 0
     total_visual_tokens: int = 0
     compactions: int = 0
+    loose_accepted: int = 0
+    pre_verify_rounds: int = 0
+    pre_verify_rejected: int = 0
+    post_verify_rounds: int = 0
+    spec_drafts_kept: int = 0
+    spec_drafts_discarded: int = 0
+    draft_len_used: int = 0
+    draft_ms: float = 0.0
+    verify_ms: float = 0.0
+    overlap_ms: float = 0.0
 
     @property
     def mean_accepted_length(self) -> float:
@@ -53,10 +83,15 @@ class SpecStats:
     def target_calls_per_token(self) -> float:
         return self.target_calls / self.emitted if self.emitted else 0.0
 
+    @property
+    def overlap_fraction(self) -> float:
+        return self.overlap_ms / self.draft_ms if self.draft_ms else 0.0
+
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["mean_accepted_length"] = self.mean_accepted_length
         d["target_calls_per_token"] = self.target_calls_per_token
+        d["overlap_fraction"] = self.overlap_fraction
         return d
 
 
@@ -96,6 +131,9 @@ class SpecDecoder:
         self.target = target
         self.draft = draft
         self.config = config or SpecConfig()
+        self._anchors = None  # loose verification's anchor detector, set for the duration of a generate call
+        self._loose_accepted = None
+        self._round_loose = None
         self.t_adapter = get_adapter(target)
         self.d_adapter = get_adapter(draft)
         if self.t_adapter.vocab_size != self.d_adapter.vocab_size:
@@ -146,6 +184,9 @@ class SpecDecoder:
         pad = pad_token_id if pad_token_id is not None else gen_cfg.pad_token_id
         if pad is None:
             pad = int(eos_ids[0]) if eos_ids.numel() else 0
+        if cfg.verify == "loose" and do_sample:
+            raise ValueError("verify='loose' is defined for greedy decoding only; use do_sample=False or "
+                             "verify='strict'")
         if do_sample:
             temperature = gen_cfg.temperature if temperature is None else temperature
             top_k = gen_cfg.top_k if top_k is None else top_k
@@ -155,19 +196,36 @@ class SpecDecoder:
             if generator is None:
                 generator = torch.Generator(device=input_ids.device).manual_seed(cfg.seed)
         sampling = (temperature or 1.0, top_k, top_p) if do_sample else None
+        self._anchors = make_detector(cfg.loose, self.target, self.t_adapter) if cfg.verify == "loose" else None
+        self._loose_accepted = None
+        self._round_loose = None
 
-        stats = SpecStats(accept_histogram=[0] * (cfg.draft_len + 1))
+        if cfg.tree is not None:
+            self._check_tree(do_sample)
+        stats = SpecStats(accept_histogram=[0] * ((cfg.tree.depth if cfg.tree is not None else cfg.draft_len) + 1))
         t0 = time.perf_counter()
         prompt = self.t_adapter.prompt(input_ids, attention_mask, model_kwargs)
-        target = ModelState(self.target, self.t_adapter)
-        draft = ModelState(self.draft, self.d_adapter)
-        first = self._prefill(prompt, target, draft, stats, sampling, generator)
+        decode = self._decode
+        if cfg.parallel:  # the same steps on two streams (vspec/runtime/parallel.py)
+            from .parallel import ParallelSchedule
+
+            par = ParallelSchedule(self, generator)
+            target, draft = par.states()
+            first = par.prefill(prompt, target, draft, stats, sampling, generator)
+            decode = par.decode
+        else:
+            target = ModelState(self.target, self.t_adapter)
+            draft = ModelState(self.draft, self.d_adapter)
+            first = self._prefill(prompt, target, draft, stats, sampling, generator)
         stats.prefill_seconds = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        new_tokens = self._decode(prompt, target, draft, first, max_new_tokens, eos_ids, pad, stats, sampling,
-                                  generator, streamer)
+        new_tokens = decode(prompt, target, draft, first, max_new_tokens, eos_ids, pad, stats, sampling, generator,
+                            streamer)
         stats.decode_seconds = time.perf_counter() - t1
+        if self._loose_accepted is not None:
+            stats.loose_accepted = int(self._loose_accepted)
+        self._anchors = None
         stats.target_calls = target.calls - 1
         stats.draft_calls = draft.calls
         if streamer is not None:
@@ -185,7 +243,8 @@ class SpecDecoder:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must match input_ids {tuple(input_ids.shape)}, got "
                              f"{tuple(attention_mask.shape)}")
-        for name, model in (("target", self.target), ("draft", self.draft)):
+        # parallel decoding moves tokens between devices, so its draft may sit on a second one
+        for name, model in (("target", self.target),) + ((("draft", self.draft),) if not self.config.parallel else ()):
             if model.device != input_ids.device:
                 raise ValueError(f"input_ids are on {input_ids.device} but the {name} is on {model.device}")
         if model_kwargs.get("inputs_embeds") is not None:
@@ -208,7 +267,8 @@ class SpecDecoder:
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
     # ------------------------------------------------------------------------------------------------
-    def _prefill(self, prompt: Prompt, target: ModelState, draft: ModelState, stats, sampling, generator):
+    def _prefill(self, prompt: Prompt, target: ModelState, draft: ModelState | None, stats, sampling, generator):
+        """Target prefill, its first token, then (unless ``draft`` is None) the draft's prefill."""
         cfg = self.config
         valid = prompt.attention_mask.bool()
         vis = prompt.visual_mask
@@ -226,20 +286,38 @@ class SpecDecoder:
             capture = self._make_capture(self.target, prompt, visual_idx)
             embeds_t = self.t_adapter.input_embeddings(prompt.input_ids, prompt.attention_mask,
                                                        prompt.model_kwargs, pos_ids)
-            with capturing(self.target, capture):
+            with capturing(self.target, capture), self._watch_prefill(visual_idx):
                 logits = target.forward(inputs_embeds=embeds_t, positions=prompt.positions, new_valid=valid,
                                         logits_to_keep=1)
         else:
-            logits = target.forward(input_ids=prompt.input_ids, positions=prompt.positions, new_valid=valid,
-                                    logits_to_keep=1, **prompt.model_kwargs)
+            with self._watch_prefill(visual_idx):
+                logits = target.forward(input_ids=prompt.input_ids, positions=prompt.positions, new_valid=valid,
+                                        logits_to_keep=1, **prompt.model_kwargs)
         first = self._select(logits[:, -1], sampling, generator)
+
+        if draft is not None:
+            self._prefill_draft(prompt, draft, stats, capture, embeds_t, visual_idx)
+        return first
+
+    def _prefill_draft(self, prompt: Prompt, draft: ModelState, stats, capture=None, embeds_t=None, visual_idx=None):
+        """The draft's prefill on its keep-set; runs after the target's (``stats.total_visual_tokens`` is set).
+
+        capture / embeds_t: the target prefill's scores and input embeddings when the target is the prune source.
+        """
+        cfg = self.config
+        valid = prompt.attention_mask.bool()
+        vis = prompt.visual_mask
+        prune = cfg.prune if stats.total_visual_tokens else "none"
+        need_scores = prune in ("semantic", "attention")
+        if visual_idx is None:
+            visual_idx = padded_indices(vis)
 
         # ---- keep-set ------------------------------------------------------------------------------------
         if prune == "none":
             draft.forward(input_ids=prompt.input_ids, positions=prompt.positions, new_valid=valid, logits_to_keep=1,
                           **prompt.model_kwargs)
             stats.kept_visual_tokens = stats.total_visual_tokens
-            return first
+            return
 
         if cfg.prune_source == "draft":
             d_pos = self.d_adapter.model_position_ids(prompt.positions)
@@ -256,7 +334,7 @@ class SpecDecoder:
             stats.kept_visual_tokens = int((keep_phys & vis).sum())
             draft.valid = keep_phys
             draft.compact_()
-            return first
+            return
 
         keep_phys = self._keep_rows(prompt, visual_idx, capture, embeds_t, prune)
         stats.kept_visual_tokens = int((keep_phys & vis).sum())
@@ -271,7 +349,6 @@ class SpecDecoder:
         embeds = torch.gather(embeds_d, 1, order[..., None].expand(-1, -1, embeds_d.shape[-1]))
         positions = torch.gather(prompt.positions, 2, order[None].expand(prompt.positions.shape[0], -1, -1))
         draft.forward(inputs_embeds=embeds, positions=positions, new_valid=new_valid, logits_to_keep=1)
-        return first
 
     def _make_capture(self, model, prompt: Prompt, visual_idx: torch.Tensor) -> ScoreCapture:
         pc = self.config.prune_config
@@ -318,6 +395,8 @@ class SpecDecoder:
     # ------------------------------------------------------------------------------------------------
     def _decode(self, prompt, target, draft, first, max_new_tokens, eos_ids, pad, stats, sampling, generator,
                 streamer):
+        if self.config.tree is not None:
+            return self._decode_tree(prompt, target, draft, first, max_new_tokens, eos_ids, pad, stats, streamer)
         gamma = self.config.draft_len
         lp = _Loop(first, prompt.next_pos + 1, max_new_tokens, gamma, pad, eos_ids)
         if streamer is not None:
@@ -329,7 +408,7 @@ class SpecDecoder:
             return lp.result()
         if len(keep) < first.shape[0]:
             idx = torch.tensor(keep, dtype=torch.long, device=first.device)
-            for part in (lp, target, draft):
+            for part in (lp, target, draft) + ((self._anchors,) if self._anchors is not None else ()):
                 part.select_rows(idx)
         while True:
             drafts, d_probs = self._draft_chain(draft, lp, sampling, generator)
@@ -348,12 +427,14 @@ class SpecDecoder:
                 break
         return lp.result()
 
-    def _draft_chain(self, draft: ModelState, lp: _Loop, sampling, generator):
+    def _draft_chain(self, draft: ModelState, lp: _Loop, sampling, generator, *, gamma: int | None = None):
         """Feed the draft the committed tokens it has not seen, then let it propose γ tokens (γ forwards).
 
         Returns ``drafts [B, γ]`` and, when sampling, the draft's warped distributions ``[B, γ, V]``.
+        ``gamma`` defaults to ``config.draft_len``. Reads only ``lp.pend_d``, ``lp.pend_width``, ``lp.next_pos``
+        and ``lp.last`` (the parallel schedule passes a stand-in holding them).
         """
-        gamma = self.config.draft_len
+        gamma = self.config.draft_len if gamma is None else gamma
         device = lp.last.device
         w = lp.pend_width
         feed = lp.pend_d[:, -w:]
@@ -381,26 +462,47 @@ class SpecDecoder:
         """One target forward over ``[last, d_1 .. d_γ]``; logits ``[B, γ+1, V]``."""
         t_in = torch.cat([lp.last[:, None], drafts], dim=1)
         t_pos = (lp.next_pos - 1)[:, None] + torch.arange(t_in.shape[1], device=t_in.device)[None]
-        return target.forward(input_ids=t_in, positions=self.t_adapter.decode_positions(t_pos),
-                              new_valid=torch.ones_like(t_in, dtype=torch.bool))
+        watch = self._anchors.verify(drafts, target) if self._anchors is not None else contextlib.nullcontext()
+        with watch:
+            return target.forward(input_ids=t_in, positions=self.t_adapter.decode_positions(t_pos),
+                                  new_valid=torch.ones_like(t_in, dtype=torch.bool))
+
+    def _watch_prefill(self, visual_idx):
+        """Lets the loose-verification anchor detector see the target's prefill (no-op in strict mode)."""
+        return self._anchors.prefill(visual_idx) if self._anchors is not None else contextlib.nullcontext()
 
     def _verify(self, t_logits, drafts, d_probs, sampling, generator):
         """``(accept_len [B], tokens [B, γ+1])``: tokens[:, :acc+1] are the round's tokens (accepted drafts, then
         the target's correction or bonus token)."""
+        if self._anchors is not None:
+            strict = self._anchors.strict(drafts)
+            acc, tokens, loose = ops.verify_loose(t_logits, drafts, strict, return_loose=True, check_ids=False,
+                                                  **self.config.loose.rule())
+            self._round_loose = loose  # counted in _end_round, where the emitted length is known
+            return acc, tokens
         if sampling is None:
             return ops.verify_greedy(t_logits, drafts, check_ids=False)
         return ops.verify_sampling(_warp(t_logits, *sampling), d_probs, drafts, temperature=1.0, generator=generator,
                                    check_ids=False)
 
     def _end_round(self, lp: _Loop, target: ModelState, draft: ModelState, acc, n_new, fin, emitted, stats,
-                   streamer) -> bool:
+                   streamer, *, extra: torch.Tensor | None = None) -> bool:
         """The round's ONE host sync: accept lengths, finished rows and both caches' extents.
 
         Updates stats, streams, trims and (when holes pile up) compacts both caches, drops finished rows.
-        Returns False when no row is left.
+        Returns False when no row is left. ``extra``: a 1-D integer tensor read in the same sync, left in
+        ``lp.extra`` as a list (the parallel schedule's per-round decisions).
         """
         B = acc.shape[0]
-        host = torch.cat([acc, n_new, fin.long(), target.extent(), draft.extent()]).tolist()
+        if self._round_loose is not None:  # loosely accepted tokens that were emitted (not cut by EOS / budget)
+            loose, self._round_loose = self._round_loose, None
+            pos = torch.arange(loose.shape[1], device=loose.device)[None]
+            n = (loose & (pos < n_new[:, None])).sum()
+            self._loose_accepted = n if self._loose_accepted is None else self._loose_accepted + n
+        parts = [acc, n_new, fin.long(), target.extent(), draft.extent()]
+        host = torch.cat(parts + ([extra.long()] if extra is not None else [])).tolist()
+        if extra is not None:
+            lp.extra, host = host[len(host) - extra.numel():], host[:len(host) - extra.numel()]
         acc_h, n_new_h, fin_h = host[:B], host[B:2 * B], host[2 * B:3 * B]
         t_used, t_full, d_used, d_full = host[3 * B:]
         stats.rounds += 1
@@ -413,19 +515,156 @@ class SpecDecoder:
         for state, used, full in ((target, t_used, t_full), (draft, d_used, d_full)):
             state.truncate(used)
             if used - full >= self.config.compact_holes:
-                state.compact_()
+                if state is target and self._anchors is not None:
+                    self._anchors.compacted(state.valid)
+                state.compact_(full)
                 stats.compactions += 1
         keep = [j for j, f in enumerate(fin_h) if not f]
         if not keep:
             return False
         if len(keep) < B:
             idx = torch.tensor(keep, dtype=torch.long, device=acc.device)
-            for part in (lp, target, draft):
+            for part in (lp, target, draft) + ((self._anchors,) if self._anchors is not None else ()):
                 part.select_rows(idx)
             acc_h = [acc_h[j] for j in keep]
             acc = acc[idx]
-        lp.pend_width = 2 if max(acc_h) == self.config.draft_len else 1
+        lp.pend_width = 2 if max(acc_h) == lp.depth else 1
         return True
+
+    # ---- tree drafting (SpecConfig.tree) ---------------------------------------------------------------
+    def _check_tree(self, do_sample: bool) -> None:
+        """Errors for what tree drafting does not support, raised before any work is done."""
+        if do_sample:
+            raise ValueError("SpecConfig.tree supports greedy decoding only (verify_tree_greedy); use "
+                             "do_sample=False, or tree=None for speculative sampling with a chain")
+        from .capture import text_attn_implementation
+
+        for name, model in (("target", self.target), ("draft", self.draft)):
+            impl = text_attn_implementation(model)
+            if impl.removeprefix("vspec_") not in ("sdpa", "eager"):
+                raise ValueError(f"SpecConfig.tree needs the {name}'s text attention to accept a 4-D mask ('sdpa' or "
+                                 f"'eager'), got {impl!r}")
+
+    def _decode_tree(self, prompt, target, draft, first, max_new_tokens, eos_ids, pad, stats, streamer):
+        """Greedy decode rounds with a token tree; one host sync per round (in :meth:`_end_round`).
+
+        Per round: the draft is fed its pending committed tokens and expands the tree level by level
+        (:meth:`_draft_tree`); the target runs ONE forward over all N nodes under tree attention
+        (:meth:`ModelState.forward_tree`, node i at position root + depth(i)); ``verify_tree_greedy`` picks the
+        longest accepted root path. Every node off that path becomes a hole in both caches; the path's nodes keep
+        their slots: a parent's slot precedes its children's and positions are explicit, so the kept path reads
+        exactly like an accepted chain, and a row's neighbours may keep a different path.
+        """
+        tree = self.config.tree
+        depth = tree.depth
+        device = first.device
+        levels = (TreeLevels.dynamic(tree.width, depth, device) if tree.choices is None
+                  else TreeLevels.static(tree_from_choices(tree.choices), device))
+        lp = _Loop(first, prompt.next_pos + 1, max_new_tokens, depth, pad, eos_ids)
+        if streamer is not None:
+            streamer.put(prompt.input_ids.cpu())
+            streamer.put(first.cpu())
+        keep = [j for j, d in enumerate((torch.isin(first, eos_ids) | (max_new_tokens <= 1)).tolist()) if not d]
+        if not keep:
+            return lp.result()
+        if len(keep) < first.shape[0]:
+            idx = torch.tensor(keep, dtype=torch.long, device=device)
+            for part in (lp, target, draft):
+                part.select_rows(idx)
+        cols = torch.arange(depth + 1, device=device)[None]
+        while True:
+            tokens, parents, anc, d_base = self._draft_tree(draft, lp, levels)
+            t_base = target.length
+            pos = (lp.next_pos - 1)[:, None] + levels.depth[None]
+            t_logits = target.forward_tree(input_ids=tokens, positions=self.t_adapter.decode_positions(pos),
+                                           tree_mask=anc)
+            acc, path, nxt = ops.verify_tree_greedy(t_logits, tokens, parents, width=depth + 1, check_ids=False)
+            # path[:, 0] is the root (node 0); −1 padding points at the root too, which is on every path anyway.
+            on_path = torch.zeros_like(tokens, dtype=torch.bool).scatter_(
+                1, torch.where(path >= 0, path, 0), True)
+            path_tok = torch.gather(tokens, 1, path.clamp_min(0))  # [B, D+1], root first
+            after = torch.cat([path_tok[:, 1:], torch.full_like(path_tok[:, :1], -1)], dim=1)
+            emitted = torch.where(cols < acc[:, None], after, torch.where(cols == acc[:, None], nxt[:, None], -1))
+            n_new, fin = lp.commit(acc, emitted)
+            target.keep_only(t_base, on_path)
+            draft.keep_only(d_base, on_path[:, 1:1 + levels.num_drafted])
+            lp.pend_d = torch.stack([torch.where(acc == depth, path_tok[:, depth], -1), lp.last], dim=1)
+            if not self._end_round(lp, target, draft, acc, n_new, fin, emitted, stats, streamer):
+                break
+        return lp.result()
+
+    def _draft_tree(self, draft: ModelState, lp: _Loop, levels: TreeLevels):
+        """Feed the draft its pending committed tokens, then expand the tree one level per forward.
+
+        Returns ``tokens [B, N]`` (node 0 = the last committed token), ``parents [B, N]`` (−1 at the root),
+        ``anc [B, N, N]`` bool (node i sees node j iff j is i or an ancestor of i) and ``d_base``, the draft's
+        physical slot of node 1 (nodes 1 .. num_drafted occupy consecutive slots from there).
+        """
+        B = lp.last.shape[0]
+        device = lp.last.device
+        N, D = levels.num_nodes, levels.max_depth
+        w = lp.pend_width
+        feed = lp.pend_d[:, -w:]
+        feed_pos = (lp.next_pos - w)[:, None] + torch.arange(w, device=device)[None]
+        logits = draft.forward(input_ids=feed.clamp_min(0), positions=self.d_adapter.decode_positions(feed_pos),
+                               new_valid=feed >= 0, logits_to_keep=1)  # [B, 1, V]: the root's
+        d_base = draft.length
+        tokens = torch.empty(B, N, dtype=torch.long, device=device)
+        tokens[:, 0] = lp.last
+        parents = torch.full((B, N), -1, dtype=torch.long, device=device)
+        anc = torch.zeros(B, N, N, dtype=torch.bool, device=device)
+        anc[:, 0, 0] = True
+        scores = torch.zeros(B, 1, dtype=torch.float32, device=device)
+        for d in range(1, D + 1):
+            lo, hi = levels.bounds[d]
+            plo = levels.bounds[d - 1][0]
+            tok, par_local, scores = _expand_level(levels, d, logits, scores)
+            par = par_local + plo
+            tokens[:, lo:hi] = tok
+            parents[:, lo:hi] = par
+            own = torch.arange(lo, hi, device=device)
+            anc[:, lo:hi] = torch.gather(anc, 1, par[..., None].expand(-1, -1, N))
+            anc[:, own, own] = True
+            if d < D:
+                pos = (lp.next_pos - 1 + d)[:, None].expand(-1, hi - lo)
+                logits = draft.forward_tree(input_ids=tok, positions=self.d_adapter.decode_positions(pos),
+                                            tree_mask=anc[:, lo:hi, 1:hi])
+        return tokens, parents, anc, d_base
+
+
+def _expand_level(levels: TreeLevels, d: int, logits: torch.Tensor, scores: torch.Tensor):
+    """The nodes of level ``d`` from the draft's logits ``[B, n_{d-1}, V]`` at level d − 1.
+
+    Returns ``(tokens [B, n_d], parent [B, n_d] as an index into level d − 1, scores [B, n_d])``.
+    Static tree: node j carries the ``rank[j]``-th best token of its fixed parent. Dynamic tree: slot 0 is the
+    draft's greedy token after slot 0 of the level above (so the tree always contains the chain a chain draft
+    would propose: per round it accepts at least as much as the chain), the other ``width − 1`` slots are the
+    best of the remaining ``n_{d-1} · width`` candidates (each node's top-``width`` tokens) by cumulative draft
+    log-probability ``scores``. Ties: lowest token id for the greedy slot, as ``argmax``.
+    """
+    B, n_prev, _ = logits.shape
+    greedy = logits.argmax(dim=-1)  # [B, n_prev]
+    if levels.width is None:
+        par = levels.parent_local[d - 1]
+        rank = levels.rank[d - 1]
+        k = levels.top_k[d - 1]
+        top = greedy[..., None] if k == 1 else torch.topk(logits, k, dim=-1).indices
+        top[..., 0] = greedy
+        tok = top[:, par, rank]
+        return tok, par[None].expand(B, -1), scores
+    w = levels.width
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    g_score = scores[:, :1] + logp[:, 0].gather(-1, greedy[:, :1])  # [B, 1]
+    if w == 1:
+        return greedy[:, :1], torch.zeros_like(greedy[:, :1]), g_score
+    vals, toks = torch.topk(logp, w, dim=-1)  # [B, n_prev, w]
+    toks[..., 0] = greedy
+    cand = (scores[:, :, None] + vals).flatten(1)  # [B, n_prev·w]
+    cand[:, 0] = float("-inf")  # the greedy slot is taken already
+    best, idx = torch.topk(cand, w - 1, dim=-1)
+    tok = torch.cat([greedy[:, :1], toks.flatten(1).gather(1, idx)], dim=1)
+    par = torch.cat([torch.zeros_like(idx[:, :1]), idx // w], dim=1)
+    return tok, par, torch.cat([g_score, best], dim=1)
 
 
 class _Loop:
@@ -435,7 +674,8 @@ class _Loop:
     scatters); n_out: tokens each original row has; rows: original index of each active row; next_pos: logical
     position of the token after ``last``; last: each active row's last committed token (not yet in the target's
     cache); pend_d: committed tokens the draft has not seen, right-aligned, −1 = none; pend_width: host-known
-    number of columns of pend_d to feed (2 only after a round in which some row accepted every draft token).
+    number of columns of pend_d to feed (2 only after a round in which some row accepted every draft token);
+    depth: draft tokens a round can accept at most (γ, or the tree's depth).
     """
 
     def __init__(self, first, next_pos, max_new_tokens, gamma, pad, eos_ids):
@@ -451,6 +691,7 @@ class _Loop:
         self.last = first.clone()
         self.pend_d = torch.stack([torch.full_like(first, -1), first], dim=1)
         self.pend_width = 1
+        self.depth = gamma
 
     def commit(self, acc: torch.Tensor, emitted: torch.Tensor):
         """Cut each row's round tokens ``emitted[:, :acc+1]`` at EOS (inclusive) and the budget, append them.

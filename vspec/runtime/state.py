@@ -16,10 +16,14 @@ from .. import ops
 from .models import ModelAdapter
 
 
-def padded_indices(mask: torch.Tensor) -> torch.Tensor:
-    """``[B, L]`` bool → ``[B, Nmax]`` int64 ascending column indices of the True entries, −1 padded."""
+def padded_indices(mask: torch.Tensor, n_max: int | None = None) -> torch.Tensor:
+    """``[B, L]`` bool → ``[B, Nmax]`` int64 ascending column indices of the True entries, −1 padded.
+
+    ``n_max``: the largest row count when the caller already knows it on the host (saves a host sync).
+    """
     counts = mask.sum(dim=1)
-    n_max = int(counts.max()) if mask.numel() else 0
+    if n_max is None:
+        n_max = int(counts.max()) if mask.numel() else 0
     order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :n_max]
     keep = torch.arange(n_max, device=mask.device)[None, :] < counts[:, None]
     return torch.where(keep, order, torch.full_like(order, -1))
@@ -64,6 +68,42 @@ class ModelState:
         self.calls += 1
         return out.logits
 
+    def forward_tree(self, *, input_ids: torch.Tensor, positions: torch.Tensor,
+                     tree_mask: torch.Tensor) -> torch.Tensor:
+        """Append ``n`` tree nodes per row under tree attention; logits ``[B, n, V]``.
+
+        tree_mask: ``[B, n, k]`` bool, k >= n: which of the LAST k slots (after the append; the n new ones are the
+        last n) each new node attends to (its ancestors and itself). Slots before those are seen as the 2-D
+        ``valid`` says. positions: ``[P, B, n]`` logical positions (root position + depth).
+
+        The model gets a 4-D additive float mask ``[B, 1, n, S]`` (0 = attend, dtype min = masked) in its own
+        dtype: transformers passes a 4-D mask through unchanged, sdpa adds a float mask and eager attention adds
+        whatever it gets (a bool mask would be added as 0/1 there), so this one format serves both.
+        """
+        B, n, k = tree_mask.shape
+        prev = self.valid if self.valid is not None else tree_mask.new_zeros(B, 0)
+        head = prev[:, : prev.shape[1] + n - k]
+        self.valid = torch.cat([prev, tree_mask.new_ones(B, n)], dim=1)
+        allowed = torch.cat([head[:, None, :].expand(B, n, head.shape[1]), tree_mask], dim=2)
+        dtype = self.model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=self.adapter.model_position_ids(positions),
+            attention_mask=mask[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.calls += 1
+        return out.logits
+
+    def keep_only(self, start: int, keep: torch.Tensor) -> None:
+        """Slots ``[start, start + n)`` of row b stay valid only where ``keep[b]`` ``[B, n]`` is True (the rest
+        become holes): a device op, no sync."""
+        n = keep.shape[1]
+        self.valid[:, start:start + n] &= keep
+
     def truncate(self, n: int) -> None:
         """Roll the physical length back to ``n`` slots (a pointer move on every layer)."""
         if n >= self.length:
@@ -102,9 +142,12 @@ class ModelState:
         """Physical slots that the fullest row does not use."""
         return self.length - int(self.valid.sum(dim=1).max())
 
-    def compact_(self) -> None:
-        """Move every row's valid slots to the front of its cache (one ``compact_kv_`` over all layers and k/v)."""
-        src_idx = padded_indices(self.valid)
+    def compact_(self, fullest: int | None = None) -> None:
+        """Move every row's valid slots to the front of its cache (one ``compact_kv_`` over all layers and k/v).
+
+        fullest: valid slots of the fullest row, when the caller has it on the host (no sync then).
+        """
+        src_idx = padded_indices(self.valid, fullest)
         k_max = src_idx.shape[1]
         kv = torch.stack([torch.stack([layer.keys, layer.values]) for layer in self.cache.layers])
         ops.compact_kv_(kv, src_idx, 0)

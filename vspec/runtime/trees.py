@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TreeBuffers", "validate_parents", "chain_tree", "topk_tree", "tree_from_choices"]
+__all__ = ["TreeBuffers", "TreeLevels", "validate_parents", "chain_tree", "topk_tree", "tree_from_choices"]
 
 
 def validate_parents(parents) -> tuple[int, ...]:
@@ -194,3 +194,75 @@ def tree_from_choices(choices: Sequence[Sequence[int]]) -> tuple[int, ...]:
         index[p] = len(parents)
         parents.append(index[p[:-1]])
     return tuple(parents)
+
+
+@dataclass(frozen=True, eq=False)
+class TreeLevels:
+    """Level-by-level layout of a draft tree whose nodes are numbered level by level (depth 0, then 1, ...), as
+    the runtime drafts it: one draft forward per level.
+
+    Fields (N nodes, D = depth):
+
+    * ``depth``: ``[N]`` int64 depth of each node (the same for every batch row and round).
+    * ``bounds``: tuple of D + 1 ``(lo, hi)`` pairs: the nodes of depth d are ``lo .. hi-1``.
+    * ``width``: nodes per level of a *dynamic* tree (chosen per row and round), ``None`` for a static tree.
+    * ``parent_local``, ``rank``: for a static tree, per depth d >= 1 a ``[n_d]`` int64 tensor: each node's parent
+      as an index into level d − 1, and its sibling rank (node carries the parent's ``rank``-th best draft token).
+      Empty tuples for a dynamic tree.
+    * ``top_k``: for a static tree, per depth d >= 1 the host int ``max(rank) + 1`` (how many of each parent's
+      best tokens to rank); empty for a dynamic tree.
+    """
+
+    depth: torch.Tensor
+    bounds: tuple[tuple[int, int], ...]
+    width: int | None
+    parent_local: tuple[torch.Tensor, ...]
+    rank: tuple[torch.Tensor, ...]
+    top_k: tuple[int, ...] = ()
+
+    @property
+    def num_nodes(self) -> int:
+        return self.bounds[-1][1]
+
+    @property
+    def max_depth(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def num_drafted(self) -> int:
+        """Nodes of depth 1 .. D−1: the ones the draft forwards (the deepest level is proposed, never fed)."""
+        return self.bounds[-1][0] - 1
+
+    @classmethod
+    def dynamic(cls, width: int, depth: int, device: torch.device | str | None = None) -> TreeLevels:
+        """``depth`` levels of ``width`` nodes below the root: N = 1 + width·depth."""
+        for name, v in (("width", width), ("depth", depth)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        bounds = ((0, 1),) + tuple((1 + d * width, 1 + (d + 1) * width) for d in range(depth))
+        d = torch.arange(1 + width * depth, device=device)
+        return cls(depth=torch.where(d == 0, 0, (d - 1) // width + 1), bounds=bounds, width=width, parent_local=(),
+                   rank=())
+
+    @classmethod
+    def static(cls, parents, device: torch.device | str | None = None) -> TreeLevels:
+        """From a parents list whose nodes are numbered level by level (:func:`topk_tree`,
+        :func:`tree_from_choices`); raises ``ValueError`` otherwise."""
+        tb = TreeBuffers.from_parents(parents)
+        depth = tb.depth.tolist()
+        if any(b < a for a, b in zip(depth, depth[1:])):
+            raise ValueError(f"tree nodes must be numbered level by level (depths non-decreasing), got depths {depth}")
+        bounds = []
+        for d in range(tb.max_depth + 1):
+            nodes = tb.nodes_at_depth(d)
+            bounds.append((nodes[0], nodes[-1] + 1))
+        par_local, rank, top_k = [], [], []
+        for d in range(1, len(bounds)):
+            lo, hi = bounds[d]
+            plo = bounds[d - 1][0]
+            par_local.append(torch.tensor([tb.parents[i] - plo for i in range(lo, hi)], dtype=torch.long,
+                                          device=device))
+            rank.append(tb.sibling_rank[lo:hi].to(device))
+            top_k.append(int(tb.sibling_rank[lo:hi].max()) + 1)
+        return cls(depth=tb.depth.to(device), bounds=tuple(bounds), width=None, parent_local=tuple(par_local),
+                   rank=tuple(rank), top_k=tuple(top_k))

@@ -1,0 +1,218 @@
+"""Anchor detection for loose verification (LVSpec): which draft tokens are visually relevant.
+
+A detector watches the target's prefill (to learn where and what the visual tokens are) and its verification
+forwards (to score each draft token), and returns ``strict [B, γ]``: True where the draft token is an anchor
+and must match the target's argmax exactly. Detectors never change the target's outputs: the hidden-state
+detector reads a decoder layer's output through a forward hook, the attention detector reads q/k through the
+same registered attention wrapper that the prune scoring uses (:mod:`vspec.runtime.capture`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .. import ops
+from .capture import capturing
+from .config import LooseConfig
+
+_TRACE: list | None = None
+
+
+@contextlib.contextmanager
+def tracing():
+    """Collect ``(drafts, relevance)`` CPU tensor pairs of every verification round of the hidden-state and
+    attention detectors inside the block (the quality benchmark uses it to measure detectors and pick thresholds).
+    """
+    global _TRACE
+    prev, _TRACE = _TRACE, []
+    try:
+        yield _TRACE
+    finally:
+        _TRACE = prev
+
+
+def _trace(drafts: torch.Tensor, relevance: torch.Tensor) -> None:
+    if _TRACE is not None:
+        _TRACE.append((drafts.detach().cpu(), relevance.detach().cpu()))
+
+
+def make_detector(config: LooseConfig, target, adapter):
+    """The detector ``config.detector`` names, bound to ``target``."""
+    if config.detector == "hidden":
+        return HiddenStateDetector(config, target, adapter)
+    if config.detector == "attention":
+        return AttentionDetector(config, target)
+    if config.detector == "token_ids":
+        return TokenIdDetector(config)
+    return NoAnchors()
+
+
+class _Detector:
+    """Interface. ``prefill`` wraps the target's prefill forward, ``verify`` its verification forward; after
+    the latter, :meth:`strict` gives the anchor mask of the round's draft tokens."""
+
+    def prefill(self, visual_idx: torch.Tensor):
+        return contextlib.nullcontext()
+
+    def verify(self, drafts: torch.Tensor, state):
+        """Context around the verification forward of ``drafts`` on ``state`` (the target's ModelState)."""
+        return contextlib.nullcontext()
+
+    def strict(self, drafts: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def select_rows(self, idx: torch.Tensor) -> None:
+        pass
+
+    def compacted(self, valid_before: torch.Tensor) -> None:
+        """The target's cache was compacted: remap any physical slot indices held."""
+
+
+class NoAnchors(_Detector):
+    def strict(self, drafts):
+        return torch.zeros_like(drafts, dtype=torch.bool)
+
+
+class TokenIdDetector(_Detector):
+    """Anchor iff the draft token is in a fixed set of ids (oracle for tasks with a known anchor vocabulary)."""
+
+    def __init__(self, config: LooseConfig):
+        self.ids = torch.tensor(sorted(set(config.anchor_token_ids)), dtype=torch.long)
+
+    def strict(self, drafts):
+        if self.ids.device != drafts.device:
+            self.ids = self.ids.to(drafts.device)
+        return torch.isin(drafts, self.ids)
+
+
+def _layer_index(i: int, n_layers: int) -> int:
+    if not -n_layers <= i < n_layers:
+        raise ValueError(f"layer {i} out of range for a target with {n_layers} decoder layers")
+    return i % n_layers
+
+
+class HiddenStateDetector(_Detector):
+    """LVSpec relevance: mean of the top-N cosine similarities between a draft token's hidden state and the
+    visual tokens' hidden states, both taken at the output of one target decoder layer."""
+
+    def __init__(self, config: LooseConfig, target, adapter):
+        self.config = config
+        layers = adapter.language_model().layers
+        self.layer = layers[_layer_index(config.layer, len(layers))]
+        self.visual: torch.Tensor | None = None  # [B, Nv, H] unit vectors, zero rows at padding
+        self.visual_ok: torch.Tensor | None = None  # [B, Nv] bool
+        self._hidden: torch.Tensor | None = None
+        self.last_relevance: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def _hook(self):
+        def grab(_module, _args, output):
+            self._hidden = output[0] if isinstance(output, tuple) else output
+
+        handle = self.layer.register_forward_hook(grab)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @contextlib.contextmanager
+    def prefill(self, visual_idx):
+        with self._hook():
+            yield
+        h = self._hidden
+        self._hidden = None
+        ok = visual_idx >= 0
+        g = torch.gather(h, 1, visual_idx.clamp_min(0)[..., None].expand(-1, -1, h.shape[-1])).float()
+        self.visual = torch.nn.functional.normalize(g, dim=-1) * ok[..., None]
+        self.visual_ok = ok
+
+    def verify(self, drafts, state):
+        return self._hook()
+
+    def strict(self, drafts):
+        gamma = drafts.shape[1]
+        h = torch.nn.functional.normalize(self._hidden[:, -gamma:].float(), dim=-1)  # the draft tokens' inputs
+        self._hidden = None
+        cos = torch.bmm(h, self.visual.transpose(1, 2))  # [B, γ, Nv]
+        cos = cos.masked_fill(~self.visual_ok[:, None, :], float("-inf"))
+        n = min(self.config.top_n, cos.shape[-1])
+        if n == 0:
+            return torch.ones_like(drafts, dtype=torch.bool)
+        top = cos.topk(n, dim=-1).values
+        # rows with fewer than n visual tokens: average the finite ones
+        finite = torch.isfinite(top)
+        rel = torch.where(finite, top, 0.0).sum(-1) / finite.sum(-1).clamp_min(1)
+        self.last_relevance = rel
+        _trace(drafts, rel)
+        has_visual = self.visual_ok.any(dim=1, keepdim=True)
+        return (rel >= self.config.threshold) | ~has_visual
+
+    def select_rows(self, idx):
+        self.visual, self.visual_ok = self.visual[idx], self.visual_ok[idx]
+
+
+class AttentionDetector(_Detector):
+    """Fraction of a draft token's attention on the visual keys (softmax over all keys; mean over heads and
+    the configured layers), from ``ops.visual_attention_mass`` — one call per draft token and layer, keys cut
+    at the token's own slot so its query is the last one (the op's causal convention)."""
+
+    def __init__(self, config: LooseConfig, target):
+        self.config = config
+        self.target = target
+        n_layers = target.config.get_text_config().num_hidden_layers
+        self.layers = frozenset(_layer_index(i, n_layers) for i in config.attention_layers)
+        self.visual_idx: torch.Tensor | None = None  # [B, Nv] physical slots in the target cache, −1 padding
+        self.mass: torch.Tensor | None = None
+        self._gamma = 0
+        self._state = None
+        self._seen = 0
+        self.last_relevance: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def prefill(self, visual_idx):
+        self.visual_idx = visual_idx
+        yield
+
+    def record(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
+        """Called by the capture wrapper for every text layer of the verification forward."""
+        if layer_idx not in self.layers:
+            return
+        S = key.shape[2]
+        gamma = self._gamma
+        L = query.shape[2]
+        for j in range(gamma):
+            row = L - gamma + j  # query row of draft token j
+            stop = S - (L - 1 - row)
+            m = ops.visual_attention_mass(query[:, :, row:row + 1], key[:, :, :stop], self.visual_idx,
+                                          attention_mask=self._state.valid[:, :stop], normalize="all")
+            self.mass[:, j] += m.sum(dim=1)
+        self._seen += 1
+
+    @contextlib.contextmanager
+    def verify(self, drafts, state):
+        self._gamma = drafts.shape[1]
+        self._state = state
+        self.mass = torch.zeros(drafts.shape, dtype=torch.float32, device=drafts.device)
+        self._seen = 0
+        with capturing(self.target, self):
+            yield
+
+    def strict(self, drafts):
+        if self._seen == 0:
+            raise RuntimeError("no target layer was scored: attention did not route through vspec's capture")
+        rel = self.mass / self._seen
+        self.last_relevance = rel
+        _trace(drafts, rel)
+        has_visual = (self.visual_idx >= 0).any(dim=1, keepdim=True)
+        return (rel >= self.config.threshold) | ~has_visual
+
+    def select_rows(self, idx):
+        self.visual_idx = self.visual_idx[idx]
+
+    def compacted(self, valid_before):
+        new_slot = valid_before.long().cumsum(dim=1) - 1
+        ok = self.visual_idx >= 0
+        moved = torch.gather(new_slot, 1, self.visual_idx.clamp_min(0))
+        self.visual_idx = torch.where(ok, moved, -1)

@@ -1,0 +1,564 @@
+"""Parallel speculative decoding (HIPPO / PEARL): the draft works while the target verifies.
+
+``SpecConfig(parallel=True)`` runs this schedule instead of the serial loop of :mod:`vspec.runtime.engine`. It
+reuses the engine's steps (``_draft_chain``, ``_target_chain``, ``_verify``, ``_end_round``, ``_Loop.commit``) and
+the hole-based caches of :mod:`vspec.runtime.state`; only the ORDER of the steps and which tokens the draft is fed
+differ, so the guarantees are the serial engine's: greedy equals ``target.generate(do_sample=False)``, sampling follows
+the target's distribution.
+
+Round kinds (a round is one target forward, as in the serial loop; each ends in ONE host sync, ``_end_round``):
+
+* **verify round** (drafts ``D'_1..D'_g`` given): the target runs one forward over ``[last, D'_1..D'_g]`` and
+  verifies them. With post-verify (modes ``"post"``, ``"pearl"``) the draft meanwhile *speculates* the next round
+  as if this one were fully accepted: it is fed ``D'_g`` and drafts γ+1 tokens ``e_1..e_{γ+1}`` (γ+1 forwards).
+* **pre-verify round** (modes ``"pre"``, ``"pearl"``, whenever fresh drafts are needed): the draft drafts
+  ``D_1..D_γ`` from its pending tokens while the target runs a 1-token forward over ``[last]`` and checks ``D_1``
+  alone (``_verify`` on that one position; greedy: ``D_1 == argmax``, sampling: the usual ``min(1, p/q)`` test
+  with the residual draw on rejection, a bonus draw is discarded). The round commits exactly one token per row
+  (``D_1`` if accepted, else the target's token). If any row accepted ``D_1``, the next round is a verify round
+  over ``D_2..D_γ`` (g = γ−1, ``last`` = the committed ``D_1``); rows that rejected ``D_1`` ride along in it, but
+  their verification result is replaced by the target's own token at position 0 (argmax, or a fresh draw from
+  the warped target distribution). (Verifying their ``D_2..`` would be lossless too — they were drawn from the
+  ``q`` that would be passed — but they continue ``D_1``, not the committed token, so they rarely pass, and one
+  committed token keeps the draft's pending feed at two tokens at most.) If every row rejected ``D_1``, the
+  verification of ``D_2..D_γ`` is skipped (the early stop) and another pre-verify round follows.
+* mode ``"post"`` without a kept speculation: the draft first drafts γ tokens alone (target idle), then a verify
+  round follows in the same round (one target forward, one sync) — the serial round plus speculation.
+
+Acceptance of the speculative draft (post-verify). With ``acc`` accepted drafts and ``b`` the round's last emitted
+token (correction or bonus), row r's speculation is KEPT iff ``acc == g`` (every draft accepted, so the committed
+text ends ``... D'_g b``) and ``b == e_1`` (the draft guessed the target's bonus token): its next drafts are
+``e_2..e_{γ+1}`` with ``last = e_1`` (already committed as ``b``), and the draft's cache already holds
+``D'_g, e_1..e_γ`` — exactly what a serial ``_draft_chain`` would have left. When every continuing row kept its
+speculation, the next round is a verify round at once (no drafting phase). Otherwise the rows that did not keep
+theirs need fresh drafts: a drafting phase (``"post"``) or a pre-verify round (``"pre"``/``"pearl"``) runs for the
+batch, kept rows feed a hole and the slots it appends for them become holes, and they use (and, pre-verify, check
+the first token of) their kept speculation. A DISCARDED speculation: the slots after the last committed token the
+draft has been fed become holes (``ModelState.invalidate``; positions never move, as in the serial rollback) and
+the pending token is ``b``. Lossless because a kept ``e_2..e_{γ+1}`` was drafted from exactly the committed prefix
+(``e_1 == b``) and is verified like any draft: for greedy the output is the target's argmax chain whatever the
+drafts; for sampling, given the committed prefix and the event ``e_1 == b``, ``e_2..`` are distributed as the
+draft's ``q`` (drawn after ``e_1`` with fresh randomness) and independent of the next verification's uniforms,
+which is all speculative sampling needs; the bonus ``b`` itself was drawn from ``p`` independently of ``e``.
+Choosing between a kept and a fresh draft by a function of the past keeps that property.
+
+Draft-cache bookkeeping (device ops, no sync): before a verify round the draft's last valid slots are
+``[last, D'_1..D'_{g-1}]`` in every row that accepted its drafts so far (``base`` = the slot of ``last``, per row,
+found from ``valid``: compaction and holes may have moved rows differently); speculation appends
+``D'_g, e_1..e_γ`` at ``L0 = draft.length``. Discarding keeps ``D'_1..D'_acc``: holes from ``base + acc + 1`` when
+``acc < g``, from ``L0 + 1`` (keep ``D'_g``) when ``acc == g``; rows that rejected ``D_1`` in the pre-verify round
+lost ``D_1..D_{γ-1}`` there (a kept speculation: its ``e_2..``) and lose every appended slot from ``L0`` here, and
+feed ``[their pre-verify token, b]``.
+
+CUDA: the draft runs on its own stream (on its own device when ``draft.device != target.device``; token tensors
+are copied across), the target, verification and bookkeeping on the caller's stream. Streams are ordered by
+events only; every tensor one stream hands to the other gets ``record_stream`` (the caching allocator must not
+recycle it while the other stream may still read it), and every tensor of the draft's state is allocated on the
+draft stream (:class:`_DraftState` runs each state method there). A round's one host sync is ``_end_round``'s
+``.tolist()`` (it also waits for the draft stream, whose cache extent it reads). On the CPU the same steps run in
+the same order, sequentially, so CPU tests exercise exactly this bookkeeping. Prefill: when the draft's keep-set
+does not need the target's prefill (``prune`` "uniform"/"random"/"none", or ``prune_source="draft"``), the
+draft's prefill is queued on its stream right after the target's, and both run at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from types import SimpleNamespace
+
+import torch
+
+from .engine import _Loop
+from .models import Prompt
+from .state import ModelState
+
+PRE_MODES = ("pre", "pearl")
+POST_MODES = ("post", "pearl")
+
+
+class _Side:
+    """Where the draft runs: its device and, on CUDA, its own stream (the target keeps the caller's stream).
+
+    ``run()`` enters the draft stream after an event of the main stream; ``send`` / ``fetch`` hand a tensor to the
+    draft / main side (an event wait and ``record_stream`` on one device, a copy between devices). On the CPU all of
+    this is a no-op and the steps run in program order.
+    """
+
+    def __init__(self, main_device, draft_device):
+        self.main_device = torch.device(main_device)
+        self.device = torch.device(draft_device)
+        self.cuda = self.device.type == "cuda" and self.main_device.type == "cuda"
+        self.cross = self.device != self.main_device
+        self.stream = self.main = self.xfer = None
+        if self.cuda:
+            self.stream = torch.cuda.Stream(device=self.device)
+            self.main = torch.cuda.current_stream(self.main_device)
+            if self.cross:
+                # the main device's end of draft→main copies: an idle stream, so a copy never queues behind
+                # (and never makes the draft stream wait for) the target's forward
+                self.xfer = torch.cuda.Stream(device=self.main_device)
+
+    def mark(self):
+        """An event of the main stream's current work (None on the CPU)."""
+        return self.main.record_event() if self.cuda else None
+
+    @contextlib.contextmanager
+    def run(self, after=None):
+        """Run the body on the draft stream, after ``after`` (default: everything queued on the main stream)."""
+        if not self.cuda or torch.cuda.current_stream(self.device) == self.stream:
+            yield
+            return
+        self.stream.wait_event(after if after is not None else self.mark())
+        with torch.cuda.stream(self.stream):
+            yield
+
+    def send(self, t):
+        """A main-side tensor for use on the draft side (call inside :meth:`run`, before the target's forward is
+        queued when the draft is on another device: a cross-device copy is ordered on the main stream)."""
+        if t is None or not self.cuda:
+            return t if t is None else t.to(self.device)
+        if self.cross:
+            return t.to(self.device, non_blocking=True)
+        t.record_stream(self.stream)
+        return t
+
+    def fetch(self, t):
+        """A draft-side tensor for the main stream: the main stream waits for the draft stream's work so far."""
+        if t is None or not self.cuda:
+            return t if t is None else t.to(self.main_device)
+        if self.cross:
+            with torch.cuda.stream(self.stream), torch.cuda.stream(self.xfer):
+                out = t.to(self.main_device, non_blocking=True)
+            self.main.wait_stream(self.xfer)
+            out.record_stream(self.main)
+            return out
+        self.main.wait_event(self.stream.record_event())
+        t.record_stream(self.main)
+        return t
+
+    def prompt(self, prompt: Prompt) -> Prompt:
+        """The prompt's tensors on the draft side (inside :meth:`run`)."""
+        if not self.cuda and not self.cross:
+            return prompt
+        kw = {k: (self.send(v) if isinstance(v, torch.Tensor) else v) for k, v in prompt.model_kwargs.items()}
+        return dataclasses.replace(
+            prompt, input_ids=self.send(prompt.input_ids), attention_mask=self.send(prompt.attention_mask),
+            positions=self.send(prompt.positions), visual_mask=self.send(prompt.visual_mask),
+            next_pos=self.send(prompt.next_pos), model_kwargs=kw)
+
+
+class _DraftState(ModelState):
+    """The draft's :class:`ModelState`, every method run on the draft side (stream and device).
+
+    Tensor arguments are handed over with :meth:`_Side.send`; ``extent()`` comes back with :meth:`_Side.fetch`
+    (the engine's ``_end_round`` reads it with the target's); ``valid`` always lives on the draft's device.
+    """
+
+    def __init__(self, model, adapter, side: _Side):
+        self.side = side
+        self._valid = None
+        super().__init__(model, adapter)
+
+    @property
+    def valid(self):
+        return self._valid
+
+    @valid.setter
+    def valid(self, v):
+        if v is not None and (v.device != self.side.device or self.side.cuda):
+            with self.side.run():
+                v = self.side.send(v)
+        self._valid = v
+
+    def forward(self, **kw):
+        with self.side.run():
+            kw = {k: (self.side.send(v) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+            return super().forward(**kw)
+
+    def forward_tree(self, **kw):
+        with self.side.run():
+            kw = {k: (self.side.send(v) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+            return super().forward_tree(**kw)
+
+    def keep_only(self, start, keep):
+        with self.side.run():
+            super().keep_only(start, self.side.send(keep))
+
+    def truncate(self, n):
+        with self.side.run():
+            super().truncate(n)
+
+    def invalidate(self, start, stop, *, trim=True):
+        with self.side.run():
+            super().invalidate(self.side.send(start), stop, trim=trim)
+
+    def extent(self):
+        with self.side.run():
+            out = super().extent()
+        return self.side.fetch(out)
+
+    def select_rows(self, rows):
+        with self.side.run():
+            super().select_rows(self.side.send(rows))
+
+    def compact_(self, fullest=None):
+        with self.side.run():
+            super().compact_(fullest)
+
+    def last_valid(self) -> torch.Tensor:
+        """``[B]`` physical index of each row's last valid slot (−1 if none), on the main side."""
+        with self.side.run():
+            cols = torch.arange(self.length, device=self._valid.device)
+            out = torch.where(self._valid, cols, -1).amax(dim=1)
+        return self.side.fetch(out)
+
+
+class _ParLoop(_Loop):
+    """The serial loop's bookkeeping plus what a round hands to the next, filtered with the batch rows.
+
+    next_drafts / next_probs: drafts (and, sampling, their draft probabilities) for the next round — kept
+    speculations (rows in ``carried``) or the rest of a pre-verified draft (every row); ready (host): every row
+    has them, so the next round is a verify round; carried: ``[B]`` bool, rows whose speculation was kept while
+    others need fresh drafts; rej_a / tok_a: after a pre-verify round, the rows that rejected ``D_1`` and the token
+    each row committed there.
+    """
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.next_drafts = self.next_probs = self.carried = self.rej_a = self.tok_a = None
+        self.ready = False
+        self.extra = None
+
+    def select_rows(self, idx: torch.Tensor) -> None:
+        super().select_rows(idx)
+        for name in ("next_drafts", "next_probs", "carried", "rej_a", "tok_a"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t[idx])
+
+
+class _Timer:
+    """CUDA-event spans of the target's forwards and of the draft's work, read once after decoding.
+
+    Without CUDA nothing is recorded (:attr:`can_measure` is False) and the stats stay 0.
+    """
+
+    def __init__(self, side: _Side):
+        self.side = side
+        self.on = side.cuda
+        self.round = 0
+        self.t_spans: list[tuple[int, object, object]] = []
+        self.d_spans: list[tuple[int, object, object, int]] = []
+        self.ref = self._event(side.main) if self.on else None
+
+    @property
+    def can_measure(self) -> bool:
+        return self.on
+
+    @staticmethod
+    def _event(stream):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(stream)
+        return ev
+
+    @contextlib.contextmanager
+    def target(self):
+        if not self.on:
+            yield
+            return
+        start = self._event(self.side.main)
+        yield
+        self.t_spans.append((self.round, start, self._event(self.side.main)))
+
+    @contextlib.contextmanager
+    def draft(self, forwards: int):
+        """Time the body's work on the draft stream (call inside ``_Side.run``)."""
+        if not self.on:
+            yield
+            return
+        start = self._event(self.side.stream)
+        yield
+        self.d_spans.append((self.round, start, self._event(self.side.stream), forwards))
+
+    def warmup_ratio(self) -> float | None:
+        """T_target / T_draft of the round just ended (a serial warm-up round: no contention between the two):
+        one target forward over one draft forward. Its events are complete: the round's sync waited for both."""
+        t = [s.elapsed_time(e) for r, s, e in self.t_spans if r == self.round]
+        d = [(s.elapsed_time(e), n) for r, s, e, n in self.d_spans if r == self.round]
+        if not t or not d or sum(n for _, n in d) == 0:
+            return None
+        per_draft = sum(ms for ms, _ in d) / sum(n for _, n in d)
+        return (sum(t) / len(t)) / per_draft if per_draft > 0 else None
+
+    def finish(self, stats) -> None:
+        if not self.on or not (self.t_spans or self.d_spans):
+            return
+        for spans in (self.t_spans, self.d_spans):
+            if spans:
+                spans[-1][2].synchronize()
+        stats.verify_ms = sum(s.elapsed_time(e) for _, s, e in self.t_spans)
+        stats.draft_ms = sum(s.elapsed_time(e) for _, s, e, _ in self.d_spans)
+        if self.side.cross:
+            return  # events of two devices share no clock
+        t_iv, d_iv = {}, {}
+        for r, s, e in self.t_spans:
+            t_iv.setdefault(r, []).append((self.ref.elapsed_time(s), self.ref.elapsed_time(e)))
+        for r, s, e, _ in self.d_spans:
+            d_iv.setdefault(r, []).append((self.ref.elapsed_time(s), self.ref.elapsed_time(e)))
+        stats.overlap_ms = sum(max(0.0, min(b, d) - max(a, c))
+                               for r, ivs in d_iv.items() for c, d in ivs for a, b in t_iv.get(r, ()))
+
+
+class ParallelSchedule:
+    """One ``generate`` call's parallel schedule (built by ``SpecDecoder.generate`` when ``config.parallel``)."""
+
+    def __init__(self, dec, generator):
+        self.dec = dec
+        self.cfg = dec.config
+        self.side = _Side(dec.target.device, dec.draft.device)
+        self.timer = _Timer(self.side)
+        self.pre = self.cfg.parallel_mode in PRE_MODES
+        self.post = self.cfg.parallel_mode in POST_MODES
+        self.gen_d = generator
+        if generator is not None and torch.device(generator.device) != self.side.device:
+            # a draft on a second device draws from its own generator, seeded from the caller's
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+            self.gen_d = torch.Generator(device=self.side.device).manual_seed(seed)
+
+    def states(self):
+        return (ModelState(self.dec.target, self.dec.t_adapter),
+                _DraftState(self.dec.draft, self.dec.d_adapter, self.side))
+
+    # ---- prefill ------------------------------------------------------------------------------------------
+    def prefill(self, prompt: Prompt, target: ModelState, draft: _DraftState, stats, sampling, generator):
+        """The engine's prefill; the draft's part runs beside the target's when it does not need its scores."""
+        cfg, dec, side = self.cfg, self.dec, self.side
+        has_visual = bool(prompt.visual_mask.any())
+        prune = cfg.prune if has_visual else "none"
+        if prune in ("semantic", "attention") and cfg.prune_source == "target":
+            return dec._prefill(prompt, target, draft, stats, sampling, generator)
+        with side.run():
+            d_prompt = side.prompt(prompt)  # copies (second device) are queued before the target's prefill
+        ev = side.mark()
+        first = dec._prefill(prompt, target, None, stats, sampling, generator)
+        with side.run(after=ev):
+            dec._prefill_draft(d_prompt, draft, stats)
+        return first
+
+    # ---- decode -------------------------------------------------------------------------------------------
+    def gamma_from_ratio(self, ratio: float) -> int:
+        """γ for a target/draft cost ratio (SpecConfig.adaptive_draft_len)."""
+        g = round(ratio) - (1 if self.cfg.parallel_mode == "post" else 0)
+        return max(1, min(self.cfg.draft_len, g))
+
+    def decode(self, prompt, target, draft, first, max_new_tokens, eos_ids, pad, stats, sampling, generator,
+               streamer):
+        cfg, dec = self.cfg, self.dec
+        gamma = cfg.draft_len
+        warmup = 0
+        if cfg.adaptive_draft_len:
+            if cfg.draft_time_ratio is not None:
+                gamma = self.gamma_from_ratio(cfg.draft_time_ratio)
+            elif self.timer.can_measure:
+                warmup = 2  # serial rounds; the second (past first-call overheads) is measured
+        lp = _ParLoop(first, prompt.next_pos + 1, max_new_tokens, cfg.draft_len, pad, eos_ids)
+        if streamer is not None:
+            streamer.put(prompt.input_ids.cpu())
+            streamer.put(first.cpu())
+        keep = [j for j, d in enumerate((torch.isin(first, eos_ids) | (max_new_tokens <= 1)).tolist()) if not d]
+        if not keep:
+            return lp.result()
+        if len(keep) < first.shape[0]:
+            idx = torch.tensor(keep, dtype=torch.long, device=first.device)
+            for part in (lp, target, draft) + ((dec._anchors,) if dec._anchors is not None else ()):
+                part.select_rows(idx)
+        args = (target, draft, lp, stats, sampling, generator, streamer)
+        while True:
+            self.timer.round += 1
+            warm = stats.rounds < warmup
+            if lp.ready:
+                drafts, probs = lp.next_drafts, lp.next_probs
+                lp.next_drafts = lp.next_probs = None
+                lp.ready = False
+                alive = self._verify_round(*args, drafts, probs, gamma, spec=self.post and not warm)
+            elif warm or not self.pre:
+                drafts, probs = self._fresh(draft, lp, gamma, sampling)
+                alive = self._verify_round(*args, drafts, probs, gamma, spec=self.post and not warm)
+            else:
+                alive = self._pre_round(*args, gamma)
+            if warmup and stats.rounds == warmup:
+                ratio = self.timer.warmup_ratio()
+                if ratio is not None:
+                    gamma = self.gamma_from_ratio(ratio)
+            if not alive:
+                break
+        stats.draft_len_used = gamma
+        self.timer.finish(stats)
+        return lp.result()
+
+    def _view(self, lp):
+        """What ``_draft_chain`` reads of the loop, on the draft side (call inside ``_Side.run``)."""
+        s = self.side
+        return SimpleNamespace(pend_d=s.send(lp.pend_d), pend_width=lp.pend_width, next_pos=s.send(lp.next_pos),
+                               last=s.send(lp.last))
+
+    def _fresh(self, draft, lp, gamma, sampling):
+        """γ fresh drafts from the draft's pending tokens (nothing else runs meanwhile). Rows in ``lp.carried`` keep
+        their kept speculation instead: their pending feed is a hole and the slots the chain appends for them
+        become holes."""
+        carried = lp.carried
+        if carried is not None:
+            gamma = lp.next_drafts.shape[1]
+        with self.side.run():
+            view = self._view(lp)
+            chain_start = draft.length
+            with self.timer.draft(gamma):
+                drafts, probs = self.dec._draft_chain(draft, view, sampling, self.gen_d, gamma=gamma)
+        drafts, probs = self.side.fetch(drafts), self.side.fetch(probs)
+        if carried is not None:
+            draft.invalidate(torch.where(carried, chain_start, draft.length), draft.length, trim=False)
+            drafts = torch.where(carried[:, None], lp.next_drafts, drafts)
+            if probs is not None:
+                probs = torch.where(carried[:, None, None], lp.next_probs, probs)
+            lp.next_drafts = lp.next_probs = lp.carried = None
+        return drafts, probs
+
+    def _verify(self, t_logits, drafts, probs, sampling, generator):
+        """The engine's verification; with no drafts (g = 0) the target's own next token."""
+        if drafts.shape[1] == 0:
+            tok = self.dec._select(t_logits[:, 0], sampling, generator)
+            return torch.zeros_like(tok), tok[:, None]
+        return self.dec._verify(t_logits, drafts, probs, sampling, generator)
+
+    def _verify_round(self, target, draft, lp, stats, sampling, generator, streamer, drafts, probs, gamma, *,
+                      spec: bool) -> bool:
+        """One target forward over ``[last, drafts]``; with ``spec`` the draft speculates γ+1 tokens meanwhile."""
+        dec, side = self.dec, self.side
+        g = drafts.shape[1]
+        rej_a, tok_a = lp.rej_a, lp.tok_a
+        lp.rej_a = lp.tok_a = None
+        L0 = draft.length
+        last_in = lp.last
+        base = draft.last_valid() - (g - 1)  # slot of `last` in rows whose drafts so far were all accepted
+        if spec:
+            with side.run():  # inputs first: a copy to a second device is ordered on the main stream
+                feed = side.send(drafts[:, -1] if g else lp.last)
+                view = SimpleNamespace(pend_d=feed[:, None], pend_width=1, next_pos=side.send(lp.next_pos + g),
+                                       last=feed)
+        ev = side.mark()
+        t_base = target.length
+        with self.timer.target():
+            t_logits = dec._target_chain(target, lp, drafts)
+        if spec:
+            with side.run(after=ev), self.timer.draft(gamma + 1):
+                e_tok, e_probs = dec._draft_chain(draft, view, sampling, self.gen_d, gamma=gamma + 1)
+        acc, emitted = self._verify(t_logits, drafts, probs, sampling, generator)
+        if rej_a is not None:  # rows that rejected D_1: the target's own token, not a verdict on D_2..
+            own = dec._select(t_logits[:, 0], sampling, generator)
+            acc = torch.where(rej_a, 0, acc)
+            alone = torch.cat([own[:, None], torch.full_like(emitted[:, 1:], -1)], dim=1)
+            emitted = torch.where(rej_a[:, None], alone, emitted)
+        n_new, fin = lp.commit(acc, emitted)
+        target.invalidate(t_base + 1 + acc, t_base + g + 1, trim=False)
+        b = emitted.gather(1, acc[:, None]).squeeze(1)
+
+        # draft rollback: keep D'_1..D'_acc (and D'_g, fed by the speculation, when acc == g)
+        start = torch.where(acc < g, base + acc + 1, L0 + 1)
+        unfed = torch.full_like(b, -1)
+        if not spec:
+            unfed = torch.where(acc == g, drafts[:, -1] if g else last_in, -1)
+        if rej_a is not None:
+            start = torch.where(rej_a, L0, start)
+            unfed = torch.where(rej_a, tok_a, unfed)
+        alive_rows = ~fin
+        pend_last = lp.last
+        if spec:
+            e_tok, e_probs = side.fetch(e_tok), side.fetch(e_probs)
+            consistent = (acc == g) & (b == e_tok[:, 0]) & alive_rows
+            if rej_a is not None:
+                consistent &= ~rej_a
+            start = torch.where(consistent, draft.length, start)  # kept: the draft has seen everything
+            pend_last = torch.where(consistent, -1, pend_last)
+            lp.next_drafts = e_tok[:, 1:]
+            lp.next_probs = e_probs[:, 1:] if e_probs is not None else None
+            lp.carried = consistent
+        else:
+            consistent = torch.zeros_like(alive_rows)
+        draft.invalidate(start, draft.length, trim=False)
+        lp.pend_d = torch.stack([unfed, pend_last], dim=1)
+        extra = torch.stack([consistent.sum(), alive_rows.sum(), ((unfed >= 0) & alive_rows).any().long()])
+        alive = dec._end_round(lp, target, draft, acc, n_new, fin, emitted, stats, streamer, extra=extra)
+        n_kept, n_alive, wide = lp.extra
+        lp.pend_width = 2 if wide else 1
+        if spec:
+            stats.post_verify_rounds += 1
+            stats.spec_drafts_kept += n_kept
+            stats.spec_drafts_discarded += n_alive - n_kept
+        lp.ready = n_alive > 0 and n_kept == n_alive
+        if n_kept == 0:
+            lp.next_drafts = lp.next_probs = lp.carried = None
+        elif lp.ready:
+            lp.carried = None
+        return alive
+
+    def _pre_round(self, target, draft, lp, stats, sampling, generator, streamer, gamma) -> bool:
+        """The draft drafts γ tokens while the target's 1-token forward over ``[last]`` checks ``D_1``.
+
+        Rows in ``lp.carried`` check their kept speculation's first token instead (the chain's slots for them become
+        holes); a rejection there drops their speculation from its second token on.
+        """
+        dec, side = self.dec, self.side
+        B = lp.last.shape[0]
+        carried = lp.carried
+        if carried is not None:
+            gamma = lp.next_drafts.shape[1]
+            base_c = draft.last_valid() - (gamma - 1)  # slot of `last` (= e_1) in carried rows
+        with side.run():
+            view = self._view(lp)
+            chain_start = draft.length
+        ev = side.mark()
+        with self.timer.target():
+            t_logits = dec._target_chain(target, lp, lp.last.new_empty(B, 0))  # [B, 1, V]
+        with side.run(after=ev), self.timer.draft(gamma):
+            d1, p1 = dec._draft_chain(draft, view, sampling, self.gen_d, gamma=1)  # [B, 1], [B, 1, V]
+            d_mark = draft.length  # D_1's slot once it is fed below
+            d1_main, p1_main = side.fetch(d1), side.fetch(p1)  # the check waits for D_1 only
+            rest = rest_p = None
+            if gamma > 1:
+                view2 = SimpleNamespace(pend_d=d1, pend_width=1, next_pos=view.next_pos + 1, last=d1[:, 0])
+                rest, rest_p = dec._draft_chain(draft, view2, sampling, self.gen_d, gamma=gamma - 1)
+        if rest is None:
+            rest = d1_main.new_empty(B, 0)
+            rest_p = p1_main[:, :0] if p1_main is not None else None
+        else:
+            rest, rest_p = side.fetch(rest), side.fetch(rest_p)
+        if carried is not None:
+            d1_main = torch.where(carried[:, None], lp.next_drafts[:, :1], d1_main)
+            rest = torch.where(carried[:, None], lp.next_drafts[:, 1:], rest)
+            if p1_main is not None:
+                p1_main = torch.where(carried[:, None, None], lp.next_probs[:, :1], p1_main)
+                rest_p = torch.where(carried[:, None, None], lp.next_probs[:, 1:], rest_p)
+        # check D_1 at the one position the forward scored; the second (bonus) position is a stand-in, unused
+        acc_a, tokens = dec._verify(torch.cat([t_logits, t_logits], dim=1), d1_main, p1_main, sampling, generator)
+        tok = tokens[:, 0]
+        n_new, fin = lp.commit(torch.zeros_like(acc_a), tok[:, None])
+        rej = acc_a == 0
+        start = torch.where(rej, d_mark, draft.length)  # rejected: D_1 (fed by the chain's second part) onward
+        if carried is not None:
+            start = torch.where(carried, torch.where(rej, base_c + 1, chain_start), start)
+        draft.invalidate(start, draft.length, trim=False)
+        lp.pend_d = torch.stack([torch.full_like(tok, -1), lp.last], dim=1)
+        lp.next_drafts, lp.next_probs, lp.carried = rest, rest_p, None
+        lp.rej_a, lp.tok_a = rej, tok
+        alive_rows = ~fin
+        extra = torch.stack([(~rej & alive_rows).sum(), rej.sum()])
+        alive = dec._end_round(lp, target, draft, acc_a, n_new, fin, tok[:, None], stats, streamer, extra=extra)
+        n_acc, n_rej = lp.extra
+        lp.pend_width = 1
+        stats.pre_verify_rounds += 1
+        stats.pre_verify_rejected += n_rej
+        lp.ready = n_acc > 0
+        if not lp.ready:  # early stop: nobody needs D_2..D_γ verified
+            lp.next_drafts = lp.next_probs = lp.rej_a = lp.tok_a = None
+        return alive
