@@ -297,6 +297,7 @@ def main(argv=None) -> int:
              f"{same}/{spec[prune][2]} batches identical to target.generate")
 
     target.save_pretrained(out / "target")
+    tok.save(out / "target" / "vspec_tokenizer.json")  # lets `python -m vspec generate --target DIR` find it
     draft.save_pretrained(out / "draft")
     wall = time.perf_counter() - wall0
     sizes = {r: (out / r / "model.safetensors").stat().st_size for r in ("target", "draft")}
