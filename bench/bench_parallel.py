@@ -6,13 +6,14 @@
 
 For every configuration the same inputs run through ``target.generate`` (greedy), the serial ``SpecDecoder`` and
 the parallel one in each mode (``post``, ``pre``, ``pearl``; fixed γ and, on CUDA, ``adaptive_draft_len``). Rows:
-tokens/s (median of ``--repeats`` timed runs after one warm-up run; the clock stops after a device sync), speedup
+tokens/s (median of ``--repeats`` timed runs after one warm-up run on CUDA, the clock stopping after a device
+sync; the minimum on the CPU, single-threaded), speedup
 over the serial decoder, MAL (tokens per target forward), target calls per token, the parallel schedule's round
 kinds and kept/discarded speculative drafts, and per round: decode wall time, and on CUDA the draft's GPU time,
 the target forwards' GPU time and the draft time that ran while a target forward ran (CUDA events, from
 ``SpecStats.draft_ms / verify_ms / overlap_ms``). ``identical`` = fraction of batch rows whose tokens equal the
-serial decoder's (``identical_generate``: ``target.generate``'s); a configuration that is not fully identical is recorded with no speedup (in bf16 on a GPU a
-near-tie can flip a token, DESIGN.md: the rate is the figure there).
+serial decoder's (``identical_generate``: ``target.generate``'s); a configuration that is not fully identical is
+recorded with no speedup (in bf16 on a GPU a near-tie can flip a token, DESIGN.md: the rate is the figure there).
 
 CUDA models are built from configs with random weights (nothing is downloaded): a Qwen2.5-VL-7B-shaped target
 (hidden 3584, 28 layers, 28/4 heads, vocabulary 152064, its 32-layer vision tower) and a ~1B-shaped draft of the same
@@ -48,9 +49,9 @@ from vspec.testing import make_inputs, perturbed_copy, tiny_pair  # noqa: E402
 
 FIELDS = ["utc", "device", "torch", "transformers", "vspec", "git_sha", "models", "dtype", "batch", "visual_tokens",
           "max_new_tokens", "method", "mode", "draft_len", "draft_len_used", "prune", "keep_ratio", "tokens_per_s",
-          "speedup_vs_serial", "identical", "identical_generate", "mal", "rounds", "target_calls_per_token", "pre_verify_rounds",
-          "post_verify_rounds", "spec_kept", "spec_discarded", "ms_per_round", "draft_gpu_ms_per_round",
-          "verify_gpu_ms_per_round", "overlap_ms_per_round", "overlap_fraction"]
+          "speedup_vs_serial", "identical", "identical_generate", "mal", "rounds", "target_calls_per_token",
+          "pre_verify_rounds", "post_verify_rounds", "spec_kept", "spec_discarded", "ms_per_round",
+          "draft_gpu_ms_per_round", "verify_gpu_ms_per_round", "overlap_ms_per_round", "overlap_fraction"]
 
 
 def git_sha() -> str:
@@ -101,7 +102,8 @@ def build_cuda_pair(draft_kind: str):
 
 
 def run_one(fn, device, repeats: int):
-    """(median seconds, last output) of ``fn()`` after one warm-up call."""
+    """(seconds, last output) of ``fn()`` after one warm-up call: the median of ``repeats`` timed calls on CUDA, the
+    minimum on the CPU (a shared CPU's contention only ever adds time)."""
     out = fn()
     times = []
     for _ in range(repeats):
@@ -110,7 +112,7 @@ def run_one(fn, device, repeats: int):
         out = fn()
         _sync(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+    return (statistics.median(times) if torch.device(device).type == "cuda" else min(times)), out
 
 
 def bench(target, draft, inputs, configs, *, max_new_tokens, repeats, device, models, dtype, writer):
@@ -130,8 +132,8 @@ def bench(target, draft, inputs, configs, *, max_new_tokens, repeats, device, mo
     serial_tokens = serial_tps = None
     for label, cfg in configs:  # each γ group starts with its serial decoder
         dec = SpecDecoder(target, draft, cfg)
-        sec, out = run_one(lambda: dec.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=eos), device,
-                           repeats)
+        sec, out = run_one(lambda d=dec: d.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=eos),
+                           device, repeats)
         seq = out.sequences
         st = out.stats
         tps = (seq.shape[1] - L) * B / sec
@@ -144,7 +146,8 @@ def bench(target, draft, inputs, configs, *, max_new_tokens, repeats, device, mo
                          keep_ratio=cfg.keep_ratio, tokens_per_s=tps,
                          speedup_vs_serial=(tps / serial_tps) if same == 1.0 else float("nan"), identical=same,
                          identical_generate=_identical(seq, ref),
-                         mal=st.mean_accepted_length, rounds=st.rounds, target_calls_per_token=st.target_calls_per_token,
+                         mal=st.mean_accepted_length, rounds=st.rounds,
+                         target_calls_per_token=st.target_calls_per_token,
                          pre_verify_rounds=st.pre_verify_rounds, post_verify_rounds=st.post_verify_rounds,
                          spec_kept=st.spec_drafts_kept, spec_discarded=st.spec_drafts_discarded,
                          ms_per_round=1e3 * st.decode_seconds / r, draft_gpu_ms_per_round=st.draft_ms / r,
@@ -183,7 +186,8 @@ def configs_for(gammas, modes, prune, keep_ratio, adaptive):
 def run_cuda(args, writer) -> None:
     target, draft = build_cuda_pair(args.draft)
     models = f"qwen2_5_vl 7B-shape + {'copy' if args.draft == 'copy' else '1B-shape'} draft, random weights"
-    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | vspec {vspec_version} | {git_sha()} | {models}")
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | vspec {vspec_version} | {git_sha()} | "
+          f"{models}")
     gammas = (4,) if args.quick else (3, 5, 8)
     modes = ("post", "pearl") if args.quick else ("post", "pre", "pearl")
     for batch in ((1,) if args.quick else (1, 4)):
@@ -200,6 +204,7 @@ def run_cuda(args, writer) -> None:
 def run_cpu(args, writer) -> None:
     torch.manual_seed(0)
     print("CPU: tiny random models; the parallel schedule runs sequentially here — machinery check, not a speedup")
+    torch.set_num_threads(1)  # tiny models: one thread is as fast and far less sensitive to other processes
     for family in ("qwen2_5_vl", "llava_onevision"):
         target, _ = tiny_pair(family)
         draft = perturbed_copy(target, noise=0.1, seed=1)
@@ -207,9 +212,9 @@ def run_cpu(args, writer) -> None:
             inputs = make_inputs(target, batch_size=batch, prompt_lens=[5, 9, 7, 4][:batch], frames=8)
             for prune, ratio in (("none", 1.0), ("uniform", 0.25)):
                 print(f"{family}, batch {batch}, prune={prune} keep={ratio}:")
-                bench(target, draft, inputs, configs_for((2, 4), ("post", "pre", "pearl"), prune, ratio, adaptive=False),
-                      max_new_tokens=args.max_new_tokens, repeats=args.repeats, device="cpu",
-                      models=f"{family} tiny (perturbed-copy draft)", dtype="fp32", writer=writer)
+                configs = configs_for((2, 4), ("post", "pre", "pearl"), prune, ratio, adaptive=False)
+                bench(target, draft, inputs, configs, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+                      device="cpu", models=f"{family} tiny (perturbed-copy draft)", dtype="fp32", writer=writer)
 
 
 def main(argv=None) -> None:

@@ -253,8 +253,9 @@ def test_sampling_follows_the_target_distribution(models, mode, gamma, monkeypat
 
     Four tokens reach past the first round, so kept speculative drafts (γ = 1: the third or fourth token is
     verified from a kept speculation), pre-verified first tokens, and rows that rejected theirs riding along in a
-    verification of D_2.. (pearl γ = 2) all shape the counted tokens; the test asserts those paths ran. 3,000 draws, chi-square with false-alarm rate 1e-3, fixed seeds. Reference
-    backend: see tests/runtime/test_engine.py's sampling test.
+    verification of D_2.. (pearl γ = 2) all shape the counted tokens; the test asserts those paths ran. 3,000
+    draws, chi-square with false-alarm rate 1e-3, fixed seeds. Reference backend: see tests/runtime/test_engine.py's
+    sampling test.
     """
     monkeypatch.setenv("VSPEC_BACKEND", "reference")
     target = models["qwen2_5_vl"][0]
@@ -323,3 +324,37 @@ def test_sampling_follows_the_target_distribution(models, mode, gamma, monkeypat
     p_value = _chi2_sf(stat, dof)
     assert p_value > 1e-3, f"chi2={stat:.1f} dof={dof} p={p_value:.2e}"
     assert math.isfinite(stat)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the draft stream, events and overlap timing")
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_streams_are_lossless_and_timed(mode):
+    """On a GPU (float32, tiny models): same tokens as target.generate, and the CUDA-event figures are filled."""
+    target, _ = tiny_pair("qwen2_5_vl", device="cuda")
+    draft = perturbed_copy(target, noise=0.1, seed=1)
+    inputs = make_inputs(target, batch_size=3, prompt_lens=[4, 7, 5], frames=8)
+    ref = target.generate(**inputs, max_new_tokens=25, do_sample=False)
+    for prune in ("uniform", "semantic"):  # prefill beside the target's / after it
+        cfg = SpecConfig(draft_len=3, prune=prune, keep_ratio=0.25, parallel=True, parallel_mode=mode)
+        out = SpecDecoder(target, draft, cfg).generate(**inputs, max_new_tokens=25)
+        _check(out, ref)
+        st = out.stats
+        assert st.draft_ms > 0 and st.verify_ms > 0 and 0 <= st.overlap_ms <= min(st.draft_ms, st.verify_ms)
+    cfg = SpecConfig(draft_len=5, prune="none", parallel=True, parallel_mode=mode, adaptive_draft_len=True)
+    out = SpecDecoder(target, draft, cfg).generate(**inputs, max_new_tokens=25)
+    _check(out, ref)
+    assert 1 <= out.stats.draft_len_used <= 5
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_draft_on_a_second_device():
+    target, _ = tiny_pair("qwen2_5_vl", device="cuda:0")
+    draft = perturbed_copy(target, noise=0.1, seed=1).to("cuda:1")
+    inputs = make_inputs(target, batch_size=2, prompt_lens=[4, 7], frames=8)
+    ref = target.generate(**inputs, max_new_tokens=21, do_sample=False)
+    for mode in MODES:
+        cfg = SpecConfig(draft_len=3, prune="uniform", keep_ratio=0.25, parallel=True, parallel_mode=mode)
+        _check(SpecDecoder(target, draft, cfg).generate(**inputs, max_new_tokens=21), ref)
+    out = SpecDecoder(target, draft, SpecConfig(draft_len=3, prune="none", parallel=True)).generate(
+        **inputs, max_new_tokens=8, do_sample=True)
+    assert out.sequences.shape[1] <= inputs["input_ids"].shape[1] + 8

@@ -12,7 +12,8 @@ verifies all N nodes in ONE forward under a 4-D tree mask, ``verify_tree_greedy`
 and every node off it becomes a hole (:meth:`SpecDecoder._decode_tree`).
 
 One host sync per round (accept lengths, finished rows and cache extents read together). Rows that hit EOS or
-``max_new_tokens`` leave the batch.
+``max_new_tokens`` leave the batch. ``SpecConfig(parallel=True)`` runs these same steps in the parallel schedule of
+:mod:`vspec.runtime.parallel` (the draft drafts while the target verifies).
 """
 
 from __future__ import annotations
