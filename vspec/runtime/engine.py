@@ -400,17 +400,8 @@ class SpecDecoder:
             return self._decode_tree(prompt, target, draft, first, max_new_tokens, eos_ids, pad, stats, streamer)
         gamma = self.config.draft_len
         lp = _Loop(first, prompt.next_pos + 1, max_new_tokens, gamma, pad, eos_ids)
-        if streamer is not None:
-            streamer.put(prompt.input_ids.cpu())
-            streamer.put(first.cpu())
-        # Rows that the prefill's token already ended leave before the first round.
-        keep = [j for j, d in enumerate((torch.isin(first, eos_ids) | (max_new_tokens <= 1)).tolist()) if not d]
-        if not keep:
+        if not self._start_decode(prompt, lp, target, draft, first, max_new_tokens, eos_ids, streamer):
             return lp.result()
-        if len(keep) < first.shape[0]:
-            idx = torch.tensor(keep, dtype=torch.long, device=first.device)
-            for part in (lp, target, draft) + ((self._anchors,) if self._anchors is not None else ()):
-                part.select_rows(idx)
         while True:
             drafts, d_probs = self._draft_chain(draft, lp, sampling, generator)
             t_base = target.length
@@ -427,6 +418,23 @@ class SpecDecoder:
             if not self._end_round(lp, target, draft, acc, n_new, fin, emitted, stats, streamer):
                 break
         return lp.result()
+
+    def _start_decode(self, prompt, lp, target, draft, first, max_new_tokens, eos_ids, streamer) -> bool:
+        """Stream the prompt and the prefill's token; drop rows that token already ended (EOS or a budget of 1).
+
+        Returns False when no row is left to decode. Shared by the chain, tree and parallel schedules.
+        """
+        if streamer is not None:
+            streamer.put(prompt.input_ids.cpu())
+            streamer.put(first.cpu())
+        keep = [j for j, d in enumerate((torch.isin(first, eos_ids) | (max_new_tokens <= 1)).tolist()) if not d]
+        if not keep:
+            return False
+        if len(keep) < first.shape[0]:
+            idx = torch.tensor(keep, dtype=torch.long, device=first.device)
+            for part in (lp, target, draft) + ((self._anchors,) if self._anchors is not None else ()):
+                part.select_rows(idx)
+        return True
 
     def _draft_chain(self, draft: ModelState, lp: _Loop, sampling, generator, *, gamma: int | None = None):
         """Feed the draft the committed tokens it has not seen, then let it propose γ tokens (γ forwards).
@@ -562,16 +570,8 @@ class SpecDecoder:
         levels = (TreeLevels.dynamic(tree.width, depth, device) if tree.choices is None
                   else TreeLevels.static(tree_from_choices(tree.choices), device))
         lp = _Loop(first, prompt.next_pos + 1, max_new_tokens, depth, pad, eos_ids)
-        if streamer is not None:
-            streamer.put(prompt.input_ids.cpu())
-            streamer.put(first.cpu())
-        keep = [j for j, d in enumerate((torch.isin(first, eos_ids) | (max_new_tokens <= 1)).tolist()) if not d]
-        if not keep:
+        if not self._start_decode(prompt, lp, target, draft, first, max_new_tokens, eos_ids, streamer):
             return lp.result()
-        if len(keep) < first.shape[0]:
-            idx = torch.tensor(keep, dtype=torch.long, device=device)
-            for part in (lp, target, draft):
-                part.select_rows(idx)
         cols = torch.arange(depth + 1, device=device)[None]
         while True:
             tokens, parents, anc, d_base = self._draft_tree(draft, lp, levels)

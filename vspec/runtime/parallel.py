@@ -363,16 +363,8 @@ class ParallelSchedule:
             elif self.timer.can_measure:
                 warmup = 2  # serial rounds; the second (past first-call overheads) is measured
         lp = _ParLoop(first, prompt.next_pos + 1, max_new_tokens, cfg.draft_len, pad, eos_ids)
-        if streamer is not None:
-            streamer.put(prompt.input_ids.cpu())
-            streamer.put(first.cpu())
-        keep = [j for j, d in enumerate((torch.isin(first, eos_ids) | (max_new_tokens <= 1)).tolist()) if not d]
-        if not keep:
+        if not dec._start_decode(prompt, lp, target, draft, first, max_new_tokens, eos_ids, streamer):
             return lp.result()
-        if len(keep) < first.shape[0]:
-            idx = torch.tensor(keep, dtype=torch.long, device=first.device)
-            for part in (lp, target, draft) + ((dec._anchors,) if dec._anchors is not None else ()):
-                part.select_rows(idx)
         args = (target, draft, lp, stats, sampling, generator, streamer)
         while True:
             self.timer.round += 1
