@@ -37,6 +37,7 @@ __all__ = [
     "make_inputs",
     "visual_token_count",
     "perturbed_copy",
+    "chi_square_test",
 ]
 
 PAD_ID, BOS_ID, EOS_ID, VISION_START_ID, VISION_END_ID, IMAGE_ID, VIDEO_ID = range(7)
@@ -319,3 +320,23 @@ def perturbed_copy(model, *, noise: float = 0.05, seed: int = 0):
             if p.ndim >= 2:
                 p.add_(torch.randn(p.shape, generator=gen).to(p) * noise * p.std())
     return clone
+
+
+def chi_square_test(counts: dict, probs: dict, n: int, *, min_expected: float = 5.0) -> tuple[float, float, int]:
+    """Pearson goodness of fit of observed ``counts`` (cell → count) to ``probs`` (cell → probability) over ``n``
+    draws: ``(p_value, statistic, degrees_of_freedom)``. Cells expected fewer than ``min_expected`` times are pooled
+    into one, as the chi-square approximation requires."""
+    stat, pooled_obs, pooled_exp, dof = 0.0, 0, 0.0, -1
+    for cell, p in probs.items():
+        e, o = n * p, counts.get(cell, 0)
+        if e < min_expected:
+            pooled_obs, pooled_exp = pooled_obs + o, pooled_exp + e
+            continue
+        stat += (o - e) ** 2 / e
+        dof += 1
+    if pooled_exp > 0:
+        stat += (pooled_obs - pooled_exp) ** 2 / pooled_exp
+        dof += 1
+    p_value = float(torch.special.gammaincc(torch.tensor(max(dof, 1) / 2.0, dtype=torch.float64),
+                                            torch.tensor(stat / 2.0, dtype=torch.float64)))
+    return p_value, stat, dof

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vspec import PruneConfig, SpecConfig, SpecDecoder, apply_vspec
-from vspec.testing import make_inputs, perturbed_copy, tiny_model, tiny_pair
+from vspec.testing import chi_square_test, make_inputs, perturbed_copy, tiny_model, tiny_pair
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision"]
 
@@ -182,11 +182,6 @@ def test_bad_inputs_raise_clear_errors(models):
         dec.generate(**inputs, max_new_tokens=3, num_beams=2)
 
 
-def _chi2_sf(stat: float, dof: int) -> float:
-    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64),
-                                         torch.tensor(stat / 2.0, dtype=torch.float64)))
-
-
 @pytest.mark.parametrize("noise", [0.1, 2.0], ids=["close_draft", "far_draft"])
 def test_sampling_follows_the_target_distribution(models, noise, monkeypatch):
     """The first two generated tokens (the second one speculative) follow the target's joint distribution.
@@ -235,19 +230,7 @@ def test_sampling_follows_the_target_distribution(models, noise, monkeypatch):
             counts[(t1, t2)] = counts.get((t1, t2), 0) + 1
     n = rows * calls
     assert set(counts) <= set(joint), f"tokens outside the target's support: {set(counts) - set(joint)}"
-    # pool cells with expected count < 5 into one, as the chi-square approximation requires
-    stat, pooled_obs, pooled_exp, dof = 0.0, 0, 0.0, -1
-    for cell, p in joint.items():
-        e, o = n * p, counts.get(cell, 0)
-        if e < 5:
-            pooled_obs, pooled_exp = pooled_obs + o, pooled_exp + e
-            continue
-        stat += (o - e) ** 2 / e
-        dof += 1
-    if pooled_exp > 0:
-        stat += (pooled_obs - pooled_exp) ** 2 / pooled_exp
-        dof += 1
+    p_value, stat, dof = chi_square_test(counts, joint, n)  # cells expected < 5 times are pooled
     assert dof >= 3
-    p_value = _chi2_sf(stat, dof)
     assert p_value > 1e-3, f"chi2={stat:.1f} dof={dof} p={p_value:.2e}"
     assert math.isfinite(stat)

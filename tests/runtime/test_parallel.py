@@ -12,7 +12,7 @@ import torch
 
 from vspec import LooseConfig, SpecConfig, SpecDecoder
 from vspec.runtime import parallel
-from vspec.testing import make_inputs, perturbed_copy, tiny_pair
+from vspec.testing import chi_square_test, make_inputs, perturbed_copy, tiny_pair
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision"]
 MODES = ["post", "pre", "pearl"]
@@ -242,11 +242,6 @@ def test_bad_parallel_configs_raise():
         SpecConfig(parallel=True, parallel_mode="pearl", verify="loose")
 
 
-def _chi2_sf(stat: float, dof: int) -> float:
-    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64),
-                                         torch.tensor(stat / 2.0, dtype=torch.float64)))
-
-
 @pytest.mark.parametrize("mode,gamma", [("post", 1), ("pearl", 1), ("pearl", 2)])
 def test_sampling_follows_the_target_distribution(models, mode, gamma, monkeypatch):
     """The first FOUR generated tokens follow the target's joint distribution (top-k 2, temperature 0.8: 16 cells).
@@ -309,19 +304,8 @@ def test_sampling_follows_the_target_distribution(models, mode, gamma, monkeypat
         assert 0 < pre_rej < pre_rounds * rows  # pre-checks accepted and rejected within one batch
     n = rows * calls
     assert set(counts) <= set(joint), f"sequences outside the target's support: {set(counts) - set(joint)}"
-    stat, pooled_obs, pooled_exp, dof = 0.0, 0, 0.0, -1
-    for cell, p in joint.items():
-        e, o = n * p, counts.get(cell, 0)
-        if e < 5:
-            pooled_obs, pooled_exp = pooled_obs + o, pooled_exp + e
-            continue
-        stat += (o - e) ** 2 / e
-        dof += 1
-    if pooled_exp > 0:
-        stat += (pooled_obs - pooled_exp) ** 2 / pooled_exp
-        dof += 1
+    p_value, stat, dof = chi_square_test(counts, joint, n)  # cells expected < 5 times are pooled
     assert dof >= 6
-    p_value = _chi2_sf(stat, dof)
     assert p_value > 1e-3, f"chi2={stat:.1f} dof={dof} p={p_value:.2e}"
     assert math.isfinite(stat)
 
