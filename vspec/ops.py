@@ -87,7 +87,8 @@ def _check_same_device(**tensors) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def visual_attention_mass(q, k, visual_idx, *, scale=None, normalize="visual", attention_mask=None, out=None):
+def visual_attention_mass(q, k, visual_idx, *, scale=None, normalize="visual", attention_mask=None, out=None,
+                          check_indices=True):
     """Attention probability mass on each visual key, averaged over heads and query rows.
 
     q: ``[B, Hq, Lq, D]`` post-RoPE queries of the LAST Lq positions of the key sequence (causal): query row i
@@ -103,6 +104,9 @@ def visual_attention_mass(q, k, visual_idx, *, scale=None, normalize="visual", a
     valid key. scale defaults to ``D ** -0.5``.
     Returns ``[B, Nv]`` float32; with ``out`` (``[B, Nv]`` float32) the result is added into ``out`` and
     ``out`` is returned. Never materialises ``[Hq, Lq, S]``. Nv == 0 gives ``[B, 0]`` (or ``out`` unchanged).
+    check_indices: verify that ``visual_idx`` lies in ``[-1, S)`` (one device-to-host read). Callers that build
+    the indices themselves and call this in a loop (vspec's runtime) pass False; an index out of range is then
+    undefined behaviour.
     """
     import math
     import numbers
@@ -148,7 +152,7 @@ def visual_attention_mass(q, k, visual_idx, *, scale=None, normalize="visual", a
         if tuple(out.shape) != (B, Nv):
             raise ValueError(f"out must be [B, Nv] = {(B, Nv)}, got {tuple(out.shape)}")
     _check_same_device(q=q, k=k, visual_idx=visual_idx, attention_mask=attention_mask, out=out)
-    if visual_idx.numel() > 0:
+    if check_indices and visual_idx.numel() > 0:
         lo, hi = (int(v) for v in torch.aminmax(visual_idx))
         if lo < -1 or hi >= S:
             raise ValueError(f"visual_idx values must lie in [-1, S={S}), got min {lo} and max {hi}")

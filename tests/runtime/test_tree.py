@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import vspec
-from vspec import SpecConfig, SpecDecoder, TreeConfig, ops
+from vspec import LooseConfig, SpecConfig, SpecDecoder, TreeConfig, ops
 from vspec.kernels import reference as ref_ops
 from vspec.runtime import engine
 from vspec.runtime.models import get_adapter
@@ -283,14 +283,15 @@ def test_tree_rounds_through_the_triton_kernel(models):
 _SYNC_METHODS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
 
 
-@pytest.mark.parametrize("mode", ["chain_greedy", "chain_sampling", "tree"])
+@pytest.mark.parametrize("mode", ["chain_greedy", "chain_sampling", "tree", "loose_hidden", "loose_attention"])
 def test_one_host_sync_per_round(models, monkeypatch, mode):
     """Counts the host reads of tensor values (``tolist``, ``item``, ``bool``/``int``/``float``/``index``
     conversions, ``cpu``, ``numpy``) made from vspec's own files during each decode round (from the draft step to
     the end of ``_end_round``; the prefill and the loop's entry and exit are not rounds). Each round must make
     exactly one: ``_end_round``'s read. transformers' own internal reads are not vspec's to count; syncs hidden
     inside C++ ops (boolean-mask indexing, nonzero) are not seen by this test.
-    Rows finish at different rounds (EOS) and compaction runs (compact_holes=1) to cover those branches."""
+    Rows finish at different rounds (EOS) and compaction runs (compact_holes=1) to cover those branches; the loose
+    modes cover both anchor detectors (the attention one calls visual_attention_mass per draft token and layer)."""
     vspec_dir = os.path.dirname(vspec.__file__) + os.sep
     skip = os.path.join(vspec_dir, "kernels", "reference.py")  # the GPU never runs the reference ops
     log = []
@@ -328,7 +329,10 @@ def test_one_host_sync_per_round(models, monkeypatch, mode):
     free = _generate_ref(target, inputs, max_new_tokens=14)
     eos = int(free[1, inputs["input_ids"].shape[1] + 5])
     tree = TreeConfig(width=2, depth=3) if mode == "tree" else None
-    cfg = SpecConfig(draft_len=3, prune="semantic", keep_ratio=0.3, compact_holes=1, tree=tree)
+    loose = {}
+    if mode.startswith("loose_"):
+        loose = dict(verify="loose", loose=LooseConfig(detector=mode[len("loose_"):]))
+    cfg = SpecConfig(draft_len=3, prune="semantic", keep_ratio=0.3, compact_holes=1, tree=tree, **loose)
     kw = dict(do_sample=True, temperature=0.8, top_k=5) if mode == "chain_sampling" else {}
     log.clear()
     out = SpecDecoder(target, close, cfg).generate(**inputs, max_new_tokens=14, eos_token_id=eos, **kw)

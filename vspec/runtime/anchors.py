@@ -186,7 +186,8 @@ class AttentionDetector(_Detector):
             row = L - gamma + j  # query row of draft token j
             stop = S - (L - 1 - row)
             m = ops.visual_attention_mass(query[:, :, row:row + 1], key[:, :, :stop], self.visual_idx,
-                                          attention_mask=self._state.valid[:, :stop], normalize="all")
+                                          attention_mask=self._state.valid[:, :stop], normalize="all",
+                                          check_indices=False)  # runtime-built indices: no host sync
             self.mass[:, j] += m.sum(dim=1)
         self._seen += 1
 
