@@ -1,5 +1,6 @@
 """The CLI: --help everywhere, argument errors, and a short demo run whose outputs are all identical."""
 
+import csv
 import subprocess
 import sys
 
@@ -25,6 +26,22 @@ def test_bad_arguments_fail_clearly():
     assert res.returncode == 2 and "unknown suite" in res.stderr
     res = _run("bench", "quality")
     assert res.returncode == 2 and "--out" in res.stderr
+
+
+def test_bench_quality_quick_writes_its_files(tmp_path, capsys):
+    rc = main(["bench", "quality", "--out", str(tmp_path), "--quick", "--sweep", "--split", "val", "--clips", "2",
+               "--max-new-tokens", "8", "--draft-len", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert {p.name for p in tmp_path.iterdir()} >= {"quality.csv", "detectors.csv", "quality.png", "sweep.csv"}
+    assert "held-out val clips: 2" in out and "fusion sweep at keep 0.1 (val clips)" in out
+    with open(tmp_path / "quality.csv") as f:
+        rows = list(csv.DictReader(f))
+    strict = [r for r in rows if r["section"] == "pruning"]
+    assert strict and all(r["identical"] == r["clips"] == "2" for r in strict)  # strict is lossless
+    with open(tmp_path / "sweep.csv") as f:
+        sweep = list(csv.DictReader(f))
+    assert [(r["w_temporal"], r["split"], r["identical"]) for r in sweep] == [("0.0", "val", "2"), ("0.5", "val", "2")]
 
 
 def test_demo_runs_and_is_lossless(capsys):

@@ -22,7 +22,7 @@ from vspec.demo import (
     video_patches,
 )
 from vspec.demo.models import VIDEO_TOKENS, WEIGHTS_DIR
-from vspec.demo.task import CELL, CLIP_MEAN, CLIP_STD, COLOURS, MOTIONS, TEST_SEEDS, TRAIN_SEEDS, WORDS
+from vspec.demo.task import CELL, CLIP_MEAN, CLIP_STD, COLOURS, MOTIONS, TEST_SEEDS, TRAIN_SEEDS, VAL_SEEDS, WORDS
 from vspec.testing import BOS_ID, EOS_ID, PAD_ID, VIDEO_ID, VISION_END_ID, VISION_START_ID
 
 
@@ -41,12 +41,13 @@ def test_clips_are_deterministic_and_vary():
     assert {o.motion for m in metas for o in m.objects} == set(MOTIONS)
 
 
-def test_train_and_test_splits_are_disjoint():
-    assert TRAIN_SEEDS.stop <= TEST_SEEDS.start
-    assert clip_seed("train", 0) != clip_seed("test", 0)
+def test_train_test_and_val_splits_are_disjoint():
+    assert TRAIN_SEEDS.stop <= TEST_SEEDS.start and TEST_SEEDS.stop <= VAL_SEEDS.start
+    assert len({clip_seed("train", 0), clip_seed("test", 0), clip_seed("val", 0)}) == 3
     assert clip_seed("test", 5) in TEST_SEEDS and clip_seed("train", 5) in TRAIN_SEEDS
+    assert clip_seed("val", 5) in VAL_SEEDS
     with pytest.raises(ValueError, match="split"):
-        clip_seed("val", 0)
+        clip_seed("validation", 0)
     with pytest.raises(ValueError, match="index"):
         clip_seed("test", len(TEST_SEEDS))
 

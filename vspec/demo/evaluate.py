@@ -71,9 +71,11 @@ class Result:
         return (self.rounds + self.prefills) / self.tokens if self.tokens else float("nan")
 
 
-def workload(n_clips: int, *, batch_size: int, max_new_tokens: int, target, tokenizer, start: int = 0) -> Workload:
-    """``n_clips`` held-out ("test" split) clips from index ``start``, batched, with target.generate references."""
-    clips = [make_clip(clip_seed("test", start + i)) for i in range(n_clips)]
+def workload(n_clips: int, *, batch_size: int, max_new_tokens: int, target, tokenizer, start: int = 0,
+             split: str = "test") -> Workload:
+    """``n_clips`` held-out clips of ``split`` ("test", or "val" for choosing settings) from index ``start``,
+    batched, with target.generate references."""
+    clips = [make_clip(clip_seed(split, start + i)) for i in range(n_clips)]
     batches, metas, refs = [], [], []
     for i in range(0, n_clips, batch_size):
         chunk = clips[i:i + batch_size]

@@ -10,6 +10,8 @@ On held-out clips of the synthetic task, with the shipped target/draft pair:
    to strict, for each detector and threshold and a few filler rules.
 
 Writes ``quality.csv`` (every run), ``detectors.csv`` and ``quality.png`` to ``--out``, and prints a summary.
+With ``--sweep`` it also measures the semantic fusion's weights and per-frame floor at ``--keep-ratio``
+(``sweep.csv``); choose settings on ``--split val`` clips, report on the test clips.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..runtime.anchors import tracing
-from ..runtime.config import LooseConfig, SpecConfig
+from ..runtime.config import LooseConfig, PruneConfig, SpecConfig
 from ..runtime.engine import SpecDecoder
 from .evaluate import Result, run_method, workload
 from .models import load_pair
@@ -31,6 +33,9 @@ from .task import anchor_token_ids
 
 RATIOS = (1.0, 0.5, 0.25, 0.1, 0.05)
 METHODS = ("semantic", "attention", "uniform", "random")
+SWEEP_TEMPORAL = (0.0, 0.25, 0.5, 1.0, 2.0)
+SWEEP_SPATIAL = (0.0, 0.25)
+SWEEP_FLOOR = (0, 1)
 FIELDS = ["section", "label", "prune", "keep_ratio", "verify", "detector", "threshold", "top_k", "min_prob_ratio",
           "shift", "entropy_gate", "draft_len", "clips", "mal", "target_calls_per_token", "identical", "score",
           "score_rel_strict", "loose_accepted", "kept_visual", "total_visual", "tokens", "seconds"]
@@ -82,6 +87,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer settings (for smoke tests)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest for these tiny models)")
     p.add_argument("--weights", default=None, help="folder with target/ and draft/ (default: the shipped pair)")
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="clips to measure on: test (reported figures) or val (for choosing settings)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also sweep the semantic fusion weights and per-frame floor at --keep-ratio (sweep.csv)")
     args = p.parse_args(argv)
     if args.clips < 1 or args.batch_size < 1 or args.draft_len < 1 or args.max_new_tokens < 1:
         p.error("--clips, --batch-size, --draft-len and --max-new-tokens must be >= 1")
@@ -96,7 +105,7 @@ def main(argv=None) -> int:
         print(f"vspec bench quality: {e}", file=sys.stderr)
         return 2
     wl = workload(args.clips, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, target=target,
-                  tokenizer=tok)
+                  tokenizer=tok, split=args.split)
     rows: list[dict] = []
 
     def spec(cfg):
@@ -135,6 +144,23 @@ def main(argv=None) -> int:
         cfg = SpecConfig(draft_len=args.draft_len, prune=args.prune, keep_ratio=args.keep_ratio)
         strict_default = run_method(f"strict prune={args.prune} keep={args.keep_ratio:g}", wl, spec(cfg))
         rows.append(_row("pruning", strict_default, cfg, wl.clips, ref.score))
+
+    # ---- 1b. semantic fusion weights (optional) ---------------------------------------------------------------
+    sweep_rows = []
+    if args.sweep:
+        grid = ((0.0, 0.5), (0.0,), (1,)) if args.quick else (SWEEP_TEMPORAL, SWEEP_SPATIAL, SWEEP_FLOOR)
+        for wt in grid[0]:
+            for ws in grid[1]:
+                for floor in grid[2]:
+                    pc = PruneConfig(weights=(1.0, wt, ws), per_frame_floor=floor)
+                    cfg = SpecConfig(draft_len=args.draft_len, prune="semantic", keep_ratio=args.keep_ratio,
+                                     prune_config=pc)
+                    res = run_method(f"semantic w=(1,{wt:g},{ws:g}) floor={floor}", wl, spec(cfg))
+                    sweep_rows.append({"w_attention": 1.0, "w_temporal": wt, "w_spatial": ws, "per_frame_floor": floor,
+                                       "keep_ratio": args.keep_ratio, "split": args.split, "clips": wl.clips,
+                                       "mal": round(res.mal, 4), "mal_rel_full": round(res.mal / full.mal, 4),
+                                       "identical": res.identical})
+                    say(f"sweep {res.label}: MAL {res.mal:.3f}")
 
     # ---- 2. detectors against the known anchor vocabulary ----------------------------------------------
     anchors = torch.tensor(anchor_token_ids(tok))
@@ -202,9 +228,18 @@ def main(argv=None) -> int:
         w = csv.DictWriter(f, fieldnames=list(det_rows[0]))
         w.writeheader()
         w.writerows(det_rows)
+    if sweep_rows:
+        with open(out / "sweep.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(sweep_rows[0]))
+            w.writeheader()
+            w.writerows(sweep_rows)
+        best = max(sweep_rows, key=lambda r: r["mal"])
+        print(f"fusion sweep at keep {args.keep_ratio:g} ({args.split} clips): best weights "
+              f"(1, {best['w_temporal']:g}, {best['w_spatial']:g}) floor {best['per_frame_floor']}: "
+              f"MAL {best['mal']:.3f}; wrote {out / 'sweep.csv'}")
     _plot(out / "quality.png", mal, [r for r in rows if r["section"] == "loose"], strict_default)
-    print(f"\nheld-out clips: {wl.clips}; draft_len {args.draft_len}; max_new_tokens {args.max_new_tokens}; "
-          f"target task score {ref.score:.4f}")
+    print(f"\nheld-out {args.split} clips: {wl.clips}; draft_len {args.draft_len}; "
+          f"max_new_tokens {args.max_new_tokens}; target task score {ref.score:.4f}")
     print("MAL (strict) by keep ratio:")
     print("  method      " + " ".join(f"{r:>6g}" for r in sorted(mal[methods[0]], reverse=True)))
     for m in methods:

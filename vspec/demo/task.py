@@ -44,6 +44,7 @@ __all__ = [
     "CLIP_STD",
     "TRAIN_SEEDS",
     "TEST_SEEDS",
+    "VAL_SEEDS",
     "WORDS",
     "DEFAULT_PROMPT",
     "ObjectTrack",
@@ -84,9 +85,12 @@ ROWS = ("top", "bottom")
 COLS = ("left", "right")
 POSITIONS = tuple(f"{r} {c}" for r in ROWS for c in COLS)
 
-# Train and test clips come from disjoint seed ranges: clip i of a split is make_clip(clip_seed(split, i)).
+# Train, test and validation clips come from disjoint seed ranges: clip i of a split is
+# make_clip(clip_seed(split, i)). Validation clips are for choosing settings (e.g. pruning weights), so the test
+# clips that the README's figures come from are never tuned on.
 TRAIN_SEEDS = range(0, 1_000_000_000)
 TEST_SEEDS = range(1_000_000_000, 1_000_100_000)
+VAL_SEEDS = range(1_000_100_000, 1_000_200_000)
 
 DEFAULT_PROMPT = "describe the video :"
 
@@ -142,10 +146,10 @@ class ClipMeta:
 
 
 def clip_seed(split: str, index: int) -> int:
-    """Seed of clip ``index`` of ``split`` ("train" or "test"); the two splits never share a seed."""
-    seeds = {"train": TRAIN_SEEDS, "test": TEST_SEEDS}.get(split)
+    """Seed of clip ``index`` of ``split`` ("train", "test" or "val"); no two splits share a seed."""
+    seeds = {"train": TRAIN_SEEDS, "test": TEST_SEEDS, "val": VAL_SEEDS}.get(split)
     if seeds is None:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise ValueError(f"split must be 'train', 'test' or 'val', got {split!r}")
     if not 0 <= index < len(seeds):
         raise ValueError(f"index must be in [0, {len(seeds)}) for split {split!r}, got {index}")
     return seeds[index]
