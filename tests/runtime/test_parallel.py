@@ -18,16 +18,6 @@ FAMILIES = ["qwen2_5_vl", "llava_onevision"]
 MODES = ["post", "pre", "pearl"]
 
 
-@pytest.fixture(scope="module")
-def models():
-    """Per family: the target and a close draft (perturbed copy: partial acceptance)."""
-    out = {}
-    for fam in FAMILIES:
-        target, _ = tiny_pair(fam)
-        out[fam] = (target, perturbed_copy(target, noise=0.1, seed=1))
-    return out
-
-
 def forced_draft(target, wrong):
     """A copy of ``target`` whose argmax is forced WRONG where ``wrong(q)`` holds for the logical position q of the
     query (the draft's guess for the token at q + 1); elsewhere it is the target itself (same weights)."""

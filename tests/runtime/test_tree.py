@@ -19,7 +19,7 @@ from vspec.runtime import engine
 from vspec.runtime.models import get_adapter
 from vspec.runtime.state import ModelState
 from vspec.runtime.trees import TreeBuffers, TreeLevels, tree_from_choices
-from vspec.testing import make_inputs, perturbed_copy, tiny_model, tiny_pair
+from vspec.testing import make_inputs, perturbed_copy, tiny_model
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision"]
 # Static tree holding the greedy chain (0,), (0,0), (0,0,0) plus side branches.
@@ -29,16 +29,6 @@ SHAPES = {
     "w3d4": TreeConfig(width=3, depth=4),
     "static8": TreeConfig(choices=CHOICES),
 }
-
-
-@pytest.fixture(scope="module")
-def models():
-    """Per family: the target and a close draft (perturbed copy: partial acceptance, rollback, per-row lengths)."""
-    out = {}
-    for fam in FAMILIES:
-        target, _ = tiny_pair(fam)
-        out[fam] = (target, perturbed_copy(target, noise=0.1, seed=1))
-    return out
 
 
 @pytest.fixture
