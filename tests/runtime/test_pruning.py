@@ -76,12 +76,37 @@ def test_semantic_per_frame_normalisation_and_floor():
     # frame 0's standout token (col 2) compete
     temporal = torch.tensor([[0.1, 0.2, 0.9, 0.1, 10.0, 20.0, 30.0, 40.0]])
     frames = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
-    kw = dict(method="semantic", temporal=temporal, frame_ids=frames, weights=(0.0, 1.0, 0.0))
+    kw = dict(method="semantic", temporal=temporal, frame_ids=frames, weights=(0.0, 1.0, 0.0), score_norm="frame")
     # normalised: [0, .125, 1, 0 | 0, 1/3, 2/3, 1]; floor picks 2 and 7, the global top adds 6
     assert select_keep([8], keep=3, per_frame_floor=1, **kw)[0].tolist() == [2, 6, 7]
     assert select_keep([8], keep=4, per_frame_floor=2, **kw)[0].tolist() == [1, 2, 6, 7]
     # floor 0: plain global top-K of the fused score, ties to the lower index
     assert select_keep([8], keep=2, per_frame_floor=0, **kw)[0].tolist() == [2, 7]
+
+
+def test_semantic_global_normalisation():
+    # the same scores normalised over the whole row: frame 0's 0.9 is tiny next to frame 1's 10..40
+    temporal = torch.tensor([[0.1, 0.2, 0.9, 0.1, 10.0, 20.0, 30.0, 40.0]])
+    frames = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    kw = dict(method="semantic", temporal=temporal, frame_ids=frames, weights=(0.0, 1.0, 0.0), score_norm="global")
+    assert select_keep([8], keep=3, per_frame_floor=0, **kw)[0].tolist() == [5, 6, 7]
+    assert select_keep([8], keep=3, per_frame_floor=1, **kw)[0].tolist() == [2, 6, 7]  # the floor still applies
+    # fused signals are each scaled over the row: attention [0..1] plus 0.5 x temporal
+    attention = torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5]])
+    got = select_keep([8], keep=2, per_frame_floor=0, attention=attention, **{**kw, "weights": (1.0, 0.5, 0.0)})
+    # fused: col 0 = 1 + 0.5*0 = 1.0, col 7 = 0.5 + 0.5*1 = 1.0, col 6 = 0 + 0.5*(29.9/39.9) ≈ 0.37
+    assert got[0].tolist() == [0, 7]
+
+
+def test_defaults_are_shared_with_prune_config():
+    from vspec import PruneConfig
+    from vspec.runtime import pruning
+
+    pc = PruneConfig()
+    assert (pc.weights, pc.per_frame_floor, pc.score_norm) == (
+        pruning.DEFAULT_WEIGHTS, pruning.DEFAULT_PER_FRAME_FLOOR, pruning.DEFAULT_SCORE_NORM)
+    with pytest.raises(ValueError, match="score_norm"):
+        PruneConfig(score_norm="row")
 
 
 def test_semantic_floor_respected():
@@ -150,9 +175,10 @@ def test_padded_output_and_frame_ids():
      "floor"),
     (dict(method="attention", keep=0.1, attention=torch.rand(1, 10), mass_fraction=0), ValueError,
      "mass_fraction"),
+    (dict(method="semantic", keep=0.1, attention=torch.rand(1, 10), score_norm="row"), ValueError, "score_norm"),
     (dict(method="attention", keep=0.1, attention=torch.full((1, 10), float("nan"))), ValueError, "finite"),
 ], ids=["keep-0", "keep-neg", "ratio>1", "ratio-0", "keep-bool", "keep-str", "method", "attention-missing",
-        "semantic-no-score", "shape", "dtype", "weights", "floor", "mass-fraction", "nan"])
+        "semantic-no-score", "shape", "dtype", "weights", "floor", "mass-fraction", "score-norm", "nan"])
 def test_errors(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         select_keep([10], **kwargs)

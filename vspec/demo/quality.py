@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ METHODS = ("semantic", "attention", "uniform", "random")
 SWEEP_TEMPORAL = (0.0, 0.25, 0.5, 1.0, 2.0)
 SWEEP_SPATIAL = (0.0, 0.25)
 SWEEP_FLOOR = (0, 1)
+SWEEP_NORM = ("frame", "global")
 FIELDS = ["section", "label", "prune", "keep_ratio", "verify", "detector", "threshold", "top_k", "min_prob_ratio",
           "shift", "entropy_gate", "draft_len", "clips", "mal", "target_calls_per_token", "identical", "score",
           "score_rel_strict", "loose_accepted", "kept_visual", "total_visual", "tokens", "seconds"]
@@ -89,6 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default=None, help="folder with target/ and draft/ (default: the shipped pair)")
     p.add_argument("--split", choices=["test", "val"], default="test",
                    help="clips to measure on: test (reported figures) or val (for choosing settings)")
+    p.add_argument("--no-loose", action="store_true", help="skip the detector and loose sections")
     p.add_argument("--sweep", action="store_true",
                    help="also sweep the semantic fusion weights and per-frame floor at --keep-ratio (sweep.csv)")
     args = p.parse_args(argv)
@@ -148,74 +151,73 @@ def main(argv=None) -> int:
     # ---- 1b. semantic fusion weights (optional) ---------------------------------------------------------------
     sweep_rows = []
     if args.sweep:
-        grid = ((0.0, 0.5), (0.0,), (1,)) if args.quick else (SWEEP_TEMPORAL, SWEEP_SPATIAL, SWEEP_FLOOR)
-        for wt in grid[0]:
-            for ws in grid[1]:
-                for floor in grid[2]:
-                    pc = PruneConfig(weights=(1.0, wt, ws), per_frame_floor=floor)
-                    cfg = SpecConfig(draft_len=args.draft_len, prune="semantic", keep_ratio=args.keep_ratio,
-                                     prune_config=pc)
-                    res = run_method(f"semantic w=(1,{wt:g},{ws:g}) floor={floor}", wl, spec(cfg))
-                    sweep_rows.append({"w_attention": 1.0, "w_temporal": wt, "w_spatial": ws, "per_frame_floor": floor,
-                                       "keep_ratio": args.keep_ratio, "split": args.split, "clips": wl.clips,
-                                       "mal": round(res.mal, 4), "mal_rel_full": round(res.mal / full.mal, 4),
-                                       "identical": res.identical})
-                    say(f"sweep {res.label}: MAL {res.mal:.3f}")
+        grid = ((0.0, 0.5), (0.0,), (1,), ("frame",)) if args.quick else (SWEEP_TEMPORAL, SWEEP_SPATIAL, SWEEP_FLOOR,
+                                                                          SWEEP_NORM)
+        for wt, ws, floor, norm in itertools.product(*grid):
+            pc = PruneConfig(weights=(1.0, wt, ws), per_frame_floor=floor, score_norm=norm)
+            cfg = SpecConfig(draft_len=args.draft_len, prune="semantic", keep_ratio=args.keep_ratio, prune_config=pc)
+            res = run_method(f"semantic w=(1,{wt:g},{ws:g}) floor={floor} norm={norm}", wl, spec(cfg))
+            sweep_rows.append({"w_attention": 1.0, "w_temporal": wt, "w_spatial": ws, "per_frame_floor": floor,
+                               "score_norm": norm, "keep_ratio": args.keep_ratio, "split": args.split,
+                               "clips": wl.clips, "mal": round(res.mal, 4),
+                               "mal_rel_full": round(res.mal / full.mal, 4), "identical": res.identical})
+            say(f"sweep {res.label}: MAL {res.mal:.3f}")
 
-    # ---- 2. detectors against the known anchor vocabulary ----------------------------------------------
-    anchors = torch.tensor(anchor_token_ids(tok))
-    det_rows = []
-    detector_settings = [("hidden", dict(layer=-1)), ("hidden", dict(layer=1)), ("attention", {})]
-    if not args.quick:
-        detector_settings += [("hidden", dict(layer=2)), ("attention", dict(attention_layers=(0, 1, 2, 3)))]
-    thresholds: dict[tuple, list[float]] = {}
-    for det, extra in detector_settings:
-        lc = LooseConfig(detector=det, threshold=float("inf"), **extra)  # nothing strict-by-threshold: just trace
-        cfg = SpecConfig(draft_len=args.draft_len, prune=args.prune, keep_ratio=args.keep_ratio, verify="loose",
-                         loose=lc)
-        with tracing() as trace:
-            run_method("trace", wl, spec(cfg))
-        drafts = torch.cat([d.flatten() for d, _ in trace])
-        rel = torch.cat([r.flatten() for _, r in trace]).float()
-        is_anchor = torch.isin(drafts, anchors)
-        auc = _auc(rel[is_anchor], rel[~is_anchor])
-        key = (det, tuple(sorted(extra.items())))
-        qs = torch.tensor([0.2, 0.4, 0.6, 0.8])
-        thresholds[key] = [round(float(v), 4) for v in torch.quantile(rel, qs)]
-        det_rows.append({"detector": det, "setting": str(extra) or "default", "draft_tokens": rel.numel(),
-                         "anchor_share": round(float(is_anchor.float().mean()), 4), "auc": round(auc, 4),
-                         "relevance_anchor_mean": round(float(rel[is_anchor].mean()), 4),
-                         "relevance_filler_mean": round(float(rel[~is_anchor].mean()), 4),
-                         "quantiles_20_40_60_80": thresholds[key]})
-        say(f"detector {det} {extra}: AUC {auc:.3f} over {rel.numel()} draft tokens")
+    det_rows: list[dict] = []
+    if not args.no_loose:
+        # ---- 2. detectors against the known anchor vocabulary ----------------------------------------------
+        anchors = torch.tensor(anchor_token_ids(tok))
+        detector_settings = [("hidden", dict(layer=-1)), ("hidden", dict(layer=1)), ("attention", {})]
+        if not args.quick:
+            detector_settings += [("hidden", dict(layer=2)), ("attention", dict(attention_layers=(0, 1, 2, 3)))]
+        thresholds: dict[tuple, list[float]] = {}
+        for det, extra in detector_settings:
+            lc = LooseConfig(detector=det, threshold=float("inf"), **extra)  # nothing strict-by-threshold: just trace
+            cfg = SpecConfig(draft_len=args.draft_len, prune=args.prune, keep_ratio=args.keep_ratio, verify="loose",
+                             loose=lc)
+            with tracing() as trace:
+                run_method("trace", wl, spec(cfg))
+            drafts = torch.cat([d.flatten() for d, _ in trace])
+            rel = torch.cat([r.flatten() for _, r in trace]).float()
+            is_anchor = torch.isin(drafts, anchors)
+            auc = _auc(rel[is_anchor], rel[~is_anchor])
+            key = (det, tuple(sorted(extra.items())))
+            qs = torch.tensor([0.2, 0.4, 0.6, 0.8])
+            thresholds[key] = [round(float(v), 4) for v in torch.quantile(rel, qs)]
+            det_rows.append({"detector": det, "setting": str(extra) or "default", "draft_tokens": rel.numel(),
+                             "anchor_share": round(float(is_anchor.float().mean()), 4), "auc": round(auc, 4),
+                             "relevance_anchor_mean": round(float(rel[is_anchor].mean()), 4),
+                             "relevance_filler_mean": round(float(rel[~is_anchor].mean()), 4),
+                             "quantiles_20_40_60_80": thresholds[key]})
+            say(f"detector {det} {extra}: AUC {auc:.3f} over {rel.numel()} draft tokens")
 
-    # ---- 3. loose against strict ------------------------------------------------------------------------
-    def loose_run(label, lc):
-        cfg = SpecConfig(draft_len=args.draft_len, prune=args.prune, keep_ratio=args.keep_ratio, verify="loose",
-                         loose=lc)
-        res = run_method(label, wl, spec(cfg))
-        row = _row("loose", res, cfg, wl.clips, strict_default.score)
-        row["identical_to_strict"] = res.identical
-        rows.append(row)
-        rel = res.score / strict_default.score if strict_default.score else float("nan")
-        say(f"{label}: MAL {res.mal:.3f} ({res.mal / strict_default.mal:.2f}x strict) score {rel:.4f} of strict, "
-            f"identical to strict {res.identical}/{res.rows}")
-        return res
+        # ---- 3. loose against strict ------------------------------------------------------------------------
+        def loose_run(label, lc):
+            cfg = SpecConfig(draft_len=args.draft_len, prune=args.prune, keep_ratio=args.keep_ratio, verify="loose",
+                             loose=lc)
+            res = run_method(label, wl, spec(cfg))
+            row = _row("loose", res, cfg, wl.clips, strict_default.score)
+            row["identical_to_strict"] = res.identical
+            rows.append(row)
+            rel = res.score / strict_default.score if strict_default.score else float("nan")
+            say(f"{label}: MAL {res.mal:.3f} ({res.mal / strict_default.mal:.2f}x strict) score {rel:.4f} of strict, "
+                f"identical to strict {res.identical}/{res.rows}")
+            return res
 
-    rows.append(_row("loose", strict_default, SpecConfig(draft_len=args.draft_len, prune=args.prune,
-                                                         keep_ratio=args.keep_ratio), wl.clips, strict_default.score))
-    # filler rules: with no anchors and with the oracle anchors (the best a detector can do), then every
-    # detector setting at the quantile thresholds with the default rule
-    rules = [dict()] if args.quick else [dict(), dict(top_k=5, min_prob_ratio=0.1, entropy_gate=0.0),
-                                         dict(top_k=2, min_prob_ratio=0.5, shift=0), dict(shift=0)]
-    for rule in rules:
-        loose_run(f"loose none {rule}", LooseConfig(detector="none", **rule))
-        loose_run(f"loose oracle-ids {rule}", LooseConfig(detector="token_ids",
-                                                          anchor_token_ids=tuple(anchors.tolist()), **rule))
-    for (det, extra_items), qs in thresholds.items():
-        extra = dict(extra_items)
-        for th in (qs if not args.quick else qs[1:2]):
-            loose_run(f"loose {det} {extra} th={th}", LooseConfig(detector=det, threshold=th, **extra))
+        strict_cfg = SpecConfig(draft_len=args.draft_len, prune=args.prune, keep_ratio=args.keep_ratio)
+        rows.append(_row("loose", strict_default, strict_cfg, wl.clips, strict_default.score))
+        # filler rules: with no anchors and with the oracle anchors (the best a detector can do), then every
+        # detector setting at the quantile thresholds with the default rule
+        rules = [dict()] if args.quick else [dict(), dict(top_k=5, min_prob_ratio=0.1, entropy_gate=0.0),
+                                             dict(top_k=2, min_prob_ratio=0.5, shift=0), dict(shift=0)]
+        for rule in rules:
+            loose_run(f"loose none {rule}", LooseConfig(detector="none", **rule))
+            loose_run(f"loose oracle-ids {rule}", LooseConfig(detector="token_ids",
+                                                              anchor_token_ids=tuple(anchors.tolist()), **rule))
+        for (det, extra_items), qs in thresholds.items():
+            extra = dict(extra_items)
+            for th in (qs if not args.quick else qs[1:2]):
+                loose_run(f"loose {det} {extra} th={th}", LooseConfig(detector=det, threshold=th, **extra))
 
     # ---- write ------------------------------------------------------------------------------------------
     fields = FIELDS + ["identical_to_strict"]
@@ -224,10 +226,11 @@ def main(argv=None) -> int:
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k, "") for k in fields})
-    with open(out / "detectors.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(det_rows[0]))
-        w.writeheader()
-        w.writerows(det_rows)
+    if det_rows:
+        with open(out / "detectors.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(det_rows[0]))
+            w.writeheader()
+            w.writerows(det_rows)
     if sweep_rows:
         with open(out / "sweep.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(sweep_rows[0]))
@@ -235,21 +238,23 @@ def main(argv=None) -> int:
             w.writerows(sweep_rows)
         best = max(sweep_rows, key=lambda r: r["mal"])
         print(f"fusion sweep at keep {args.keep_ratio:g} ({args.split} clips): best weights "
-              f"(1, {best['w_temporal']:g}, {best['w_spatial']:g}) floor {best['per_frame_floor']}: "
+              f"(1, {best['w_temporal']:g}, {best['w_spatial']:g}) floor {best['per_frame_floor']} "
+              f"norm {best['score_norm']}: "
               f"MAL {best['mal']:.3f}; wrote {out / 'sweep.csv'}")
-    _plot(out / "quality.png", mal, [r for r in rows if r["section"] == "loose"], strict_default)
+    plotted = _plot(out / "quality.png", mal, [r for r in rows if r["section"] == "loose"], strict_default)
     print(f"\nheld-out {args.split} clips: {wl.clips}; draft_len {args.draft_len}; "
           f"max_new_tokens {args.max_new_tokens}; target task score {ref.score:.4f}")
     print("MAL (strict) by keep ratio:")
     print("  method      " + " ".join(f"{r:>6g}" for r in sorted(mal[methods[0]], reverse=True)))
     for m in methods:
         print(f"  {m:<11} " + " ".join(f"{mal[m][r]:6.3f}" for r in sorted(mal[m], reverse=True)))
-    print(f"wrote {out / 'quality.csv'}, {out / 'detectors.csv'}, {out / 'quality.png'} "
-          f"({time.perf_counter() - t_start:.0f} s)")
+    written = (["quality.csv"] + ["detectors.csv"] * bool(det_rows) + ["sweep.csv"] * bool(sweep_rows)
+               + ["quality.png"] * plotted)
+    print(f"wrote {', '.join(written)} to {out} ({time.perf_counter() - t_start:.0f} s)")
     return 0
 
 
-def _plot(path: Path, mal: dict, loose_rows: list[dict], strict: Result) -> None:
+def _plot(path: Path, mal: dict, loose_rows: list[dict], strict: Result) -> bool:
     try:
         import matplotlib
 
@@ -257,7 +262,7 @@ def _plot(path: Path, mal: dict, loose_rows: list[dict], strict: Result) -> None
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed (pip install 'vspec[plot]'): no PNG written", file=sys.stderr)
-        return
+        return False
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     for m, by_ratio in mal.items():
         rs = sorted(by_ratio)
@@ -285,6 +290,8 @@ def _plot(path: Path, mal: dict, loose_rows: list[dict], strict: Result) -> None
     b.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

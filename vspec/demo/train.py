@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..testing import VIDEO_ID
 from .models import WEIGHTS_DIR, build_batch, make_inputs, new_draft, new_target
-from .task import GRID, anchor_fields, canonical_caption, caption, clip_seed, make_clip, parse_caption, score
+from .task import GRID, MOTIONS, anchor_fields, canonical_caption, caption, clip_seed, make_clip, parse_caption, score
 from .tokenizer import WordTokenizer
 
 
@@ -154,6 +154,7 @@ def _caption_figures(ids: list[list[int]], metas, tok) -> dict:
     scores = [score(t, m) for t, m in zip(texts, metas)]
     right = {"count": 0, "colour": 0, "position": 0, "motion": 0}
     n_obj = 0
+    by_motion = {m: [0, 0] for m in MOTIONS}  # motion -> [right, seen]
     for text, meta in zip(texts, metas):
         said, truth = parse_caption(text), anchor_fields(meta)
         right["count"] += said["count"] == truth["count"]
@@ -162,8 +163,11 @@ def _caption_figures(ids: list[list[int]], metas, tok) -> dict:
             got = said["objects"][j] if j < len(said["objects"]) else {}
             for k in ("colour", "position", "motion"):
                 right[k] += got.get(k) == obj[k]
+            by_motion[obj["motion"]][0] += got.get("motion") == obj["motion"]
+            by_motion[obj["motion"]][1] += 1
     return {
         **{f"{k}_accuracy": v / (len(texts) if k == "count" else n_obj) for k, v in right.items()},
+        "motion_accuracy_by_kind": {m: round(r / n, 3) for m, (r, n) in by_motion.items() if n},
         "anchor_accuracy": sum(scores) / len(scores),
         "all_anchors_right": sum(s == 1.0 for s in scores) / len(scores),
         "canonical_exact": sum(t == canonical_caption(m) for t, m in zip(texts, metas)) / len(texts),
@@ -202,8 +206,8 @@ def _machine() -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vspec.demo.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(WEIGHTS_DIR), help="output folder (default: the package's weights/)")
-    ap.add_argument("--steps", type=int, default=2000, help="target training steps")
-    ap.add_argument("--draft-steps", type=int, default=800, help="training steps of each draft")
+    ap.add_argument("--steps", type=int, default=3000, help="target training steps")
+    ap.add_argument("--draft-steps", type=int, default=2000, help="training steps of each draft")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3, help="target peak learning rate")
     ap.add_argument("--draft-lr", type=float, default=3e-3)
@@ -333,6 +337,10 @@ def main(argv=None) -> int:
         "",
         "Field columns: share of true counts / squares whose field the caption states right, the i-th described "
         "square compared with the i-th true one (palette order).",
+        "",
+        "Motion right, by true motion: "
+        + "; ".join(f"{name} " + ", ".join(f"{m} {a:.3f}" for m, a in f["motion_accuracy_by_kind"].items())
+                    for name, f in [("target", tfig)] + [(f"draft ({k})", drafts[k][1]) for k in kinds]),
     ]
     lines += [
         "",

@@ -383,6 +383,7 @@ class SpecDecoder:
             frame_ids=frame_ids,
             weights=pc.weights,
             per_frame_floor=pc.per_frame_floor,
+            score_norm=pc.score_norm,
             mass_fraction=pc.mass_fraction,
             generator=torch.Generator().manual_seed(cfg.seed),
             padded=True,

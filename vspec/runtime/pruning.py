@@ -6,10 +6,11 @@ into per-row sorted index sets. It takes plain keywords so it does not depend on
 
 Methods (DESIGN.md, Algorithms):
 
-* ``"semantic"`` (HIPPO): every signal is min-max normalised within each frame of each row, the
-  normalised signals are fused with ``weights`` (attention mass, temporal novelty, spatial complexity),
-  each frame first gets its ``per_frame_floor`` best tokens, the rest of the budget goes to the global
-  top of the fused score.
+* ``"semantic"`` (HIPPO): every signal is min-max normalised (``score_norm="frame"``: within each frame of
+  each row, as HIPPO describes; ``"global"``: over each row's visual tokens, so a frame the target barely
+  looks at does not get its noise stretched to [0, 1]), the normalised signals are fused with ``weights``
+  (attention mass, temporal novelty, spatial complexity), each frame first gets its ``per_frame_floor`` best
+  tokens, the rest of the budget goes to the global top of the fused score.
 * ``"attention"`` (SpecVLM): the smallest top set of tokens holding ``mass_fraction`` (40%) of the row's
   attention mass, capped at K, the remaining slots spread evenly over the positions not in that set.
 * ``"uniform"``: K evenly spaced tokens. ``"random"``: K tokens drawn with ``generator``.
@@ -30,6 +31,8 @@ __all__ = [
     "METHODS",
     "DEFAULT_WEIGHTS",
     "DEFAULT_PER_FRAME_FLOOR",
+    "DEFAULT_SCORE_NORM",
+    "SCORE_NORMS",
     "DEFAULT_MASS_FRACTION",
     "keep_count",
     "frame_ids_from_grid",
@@ -38,10 +41,13 @@ __all__ = [
 ]
 
 METHODS = ("semantic", "attention", "uniform", "random", "none")
-# (attention mass, temporal novelty, spatial complexity). Provisional: to be tuned by the quality benchmark.
-DEFAULT_WEIGHTS = (1.0, 0.5, 0.5)
-# Provisional as well: one guaranteed token per frame keeps every frame represented at small budgets.
-DEFAULT_PER_FRAME_FLOOR = 1
+SCORE_NORMS = ("frame", "global")
+# The semantic fusion's defaults: (attention mass, temporal novelty, spatial complexity) weights, the per-frame
+# floor and the normalisation, chosen by `python -m vspec bench quality --split val --sweep` on validation clips of
+# the demo task (README, "Quality"; bench/results/quality_val_cpu/sweep.csv). PruneConfig uses these same values.
+DEFAULT_WEIGHTS = (1.0, 0.25, 0.0)
+DEFAULT_PER_FRAME_FLOOR = 0
+DEFAULT_SCORE_NORM = "global"
 # SpecVLM's rule: the smallest top set holding 40% of the attention mass.
 DEFAULT_MASS_FRACTION = 0.4
 
@@ -76,7 +82,7 @@ def pad_keep(keep: Sequence[torch.Tensor], fill: int = -1) -> torch.Tensor:
 def select_keep(visual, *, method: str, keep=0.1, attention=None, temporal=None, spatial=None, frame_ids=None,
                 weights=DEFAULT_WEIGHTS, per_frame_floor: int = DEFAULT_PER_FRAME_FLOOR,
                 mass_fraction: float = DEFAULT_MASS_FRACTION, generator: torch.Generator | None = None,
-                padded: bool = False):
+                padded: bool = False, score_norm: str = DEFAULT_SCORE_NORM):
     """Choose the visual tokens to keep in every batch row.
 
     visual: which columns of the ``[B, Nmax]`` score layout are real visual tokens, as
@@ -91,11 +97,12 @@ def select_keep(visual, *, method: str, keep=0.1, attention=None, temporal=None,
       ``attention``; ``"semantic"`` fuses whichever are given with a nonzero weight.
     frame_ids: ``[B, Nmax]`` or ``[Nmax]`` integer frame of each column (``"semantic"`` only; default: one
       frame). :func:`frame_ids_from_grid` builds it from a (T, H, W) grid.
-    weights: ``(w_attention, w_temporal, w_spatial)``, non-negative; default ``DEFAULT_WEIGHTS`` = (1.0, 0.5,
-      0.5) is provisional until the quality benchmark tunes it.
+    weights: ``(w_attention, w_temporal, w_spatial)``, non-negative; default ``DEFAULT_WEIGHTS``.
     per_frame_floor: ``"semantic"``: tokens every frame keeps (its best ones) before the global top-K;
-      lowered to ``K // n_frames`` when the budget cannot give every frame that many. Default 1
-      (provisional).
+      lowered to ``K // n_frames`` when the budget cannot give every frame that many. Default
+      ``DEFAULT_PER_FRAME_FLOOR``.
+    score_norm: ``"semantic"``: min-max normalise each signal per ``"frame"`` or over the row (``"global"``)
+      before fusing. Default ``DEFAULT_SCORE_NORM``.
     mass_fraction: ``"attention"``: share of the attention mass the top set must hold (SpecVLM: 0.4).
     generator: ``"random"``: a CPU ``torch.Generator`` for reproducible draws.
     padded: return a ``[B, Kmax]`` int64 tensor padded with -1 instead of a list.
@@ -133,6 +140,8 @@ def select_keep(visual, *, method: str, keep=0.1, attention=None, temporal=None,
         if isinstance(per_frame_floor, bool) or not isinstance(per_frame_floor, numbers.Integral) \
                 or per_frame_floor < 0:
             raise ValueError(f"per_frame_floor must be an int >= 0, got {per_frame_floor!r}")
+        if not isinstance(score_norm, str) or score_norm not in SCORE_NORMS:
+            raise ValueError(f"score_norm must be one of {SCORE_NORMS}, got {score_norm!r}")
         frames = _frame_ids(frame_ids, B, nmax)
     if method == "attention" and not (isinstance(mass_fraction, numbers.Real) and 0 < mass_fraction <= 1):
         raise ValueError(f"mass_fraction must be in (0, 1], got {mass_fraction!r}")
@@ -153,7 +162,8 @@ def select_keep(visual, *, method: str, keep=0.1, attention=None, temporal=None,
         elif method == "attention":
             sel = _attention_select(signals["attention"][b, cols], k, float(mass_fraction))
         else:
-            fused = sum(wi * _per_frame_minmax(t[b, cols], frames[b, cols]) for wi, t in fused_signals)
+            norm_frames = frames[b, cols] if score_norm == "frame" else torch.zeros_like(frames[b, cols])
+            fused = sum(wi * _per_frame_minmax(t[b, cols], norm_frames) for wi, t in fused_signals)
             sel = _semantic_select(fused, frames[b, cols], k, int(per_frame_floor))
         result.append(cols[sel.sort().values].to(device))
     return pad_keep(result) if padded else result
