@@ -38,6 +38,7 @@ def test_bench_quality_quick_writes_its_files(tmp_path, capsys):
     with open(tmp_path / "quality.csv") as f:
         rows = list(csv.DictReader(f))
     strict = [r for r in rows if r["section"] == "pruning"]
+    assert any(r["prune"] == "oracle" for r in strict)
     assert strict and all(r["identical"] == r["clips"] == "2" for r in strict)  # strict is lossless
     with open(tmp_path / "sweep.csv") as f:
         sweep = list(csv.DictReader(f))

@@ -17,6 +17,7 @@ With ``--sweep`` it also measures the semantic fusion's weights and per-frame fl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import itertools
 import sys
@@ -29,8 +30,8 @@ from ..runtime.anchors import tracing
 from ..runtime.config import LooseConfig, PruneConfig, SpecConfig
 from ..runtime.engine import SpecDecoder
 from .evaluate import Result, run_method, workload
-from .models import load_pair
-from .task import anchor_token_ids
+from .models import VIDEO_TOKENS, load_pair
+from .task import GRID, anchor_token_ids
 
 RATIOS = (1.0, 0.5, 0.25, 0.1, 0.05)
 METHODS = ("semantic", "attention", "uniform", "random")
@@ -147,6 +148,15 @@ def main(argv=None) -> int:
         cfg = SpecConfig(draft_len=args.draft_len, prune=args.prune, keep_ratio=args.keep_ratio)
         strict_default = run_method(f"strict prune={args.prune} keep={args.keep_ratio:g}", wl, spec(cfg))
         rows.append(_row("pruning", strict_default, cfg, wl.clips, ref.score))
+    # An upper reference from the ground truth: each square's first and last token (then its others, then the
+    # lowest free positions) at the same budget. Not a method: it reads the clip's metadata.
+    cfg = SpecConfig(draft_len=args.draft_len, prune="semantic", keep_ratio=args.keep_ratio)
+    with _oracle_keep_sets(wl) as fn:
+        oracle = run_method(f"strict oracle keep-set keep={args.keep_ratio:g}", wl, fn(spec(cfg)))
+    row = _row("pruning", oracle, cfg, wl.clips, ref.score)
+    row["prune"] = "oracle"
+    rows.append(row)
+    say(f"strict oracle keep-set {args.keep_ratio:g}: MAL {oracle.mal:.3f} identical {oracle.identical}/{oracle.rows}")
 
     # ---- 1b. semantic fusion weights (optional) ---------------------------------------------------------------
     sweep_rows = []
@@ -252,6 +262,41 @@ def main(argv=None) -> int:
                + ["quality.png"] * plotted)
     print(f"wrote {', '.join(written)} to {out} ({time.perf_counter() - t_start:.0f} s)")
     return 0
+
+
+@contextlib.contextmanager
+def _oracle_keep_sets(wl):
+    """Make SpecDecoder keep the ground-truth square tokens: patches ``pruning.select_keep`` while the returned
+    wrapper runs a batch of ``wl`` (measurement only; the keep budget is unchanged)."""
+    from ..runtime import pruning
+
+    current: list = []
+    original = pruning.select_keep
+
+    def oracle(visual, *, keep, **_):
+        rows = []
+        for meta in current[0]:
+            n = VIDEO_TOKENS
+            k = pruning.keep_count(n, keep)
+            per = [[s * GRID * GRID + c[0] * GRID + c[1] for s, c in enumerate(o.cells) if c is not None]
+                   for o in meta.objects]
+            order = [p[0] for p in per] + [p[-1] for p in per] + [t for p in per for t in p[1:-1]]
+            chosen = list(dict.fromkeys(order))[:k]
+            chosen += [t for t in range(n) if t not in chosen][:k - len(chosen)]
+            rows.append(torch.tensor(sorted(chosen)))
+        return pruning.pad_keep(rows)
+
+    def wrap(fn):
+        def run(inputs):
+            current[:] = [next(m for b, m in zip(wl.batches, wl.metas) if b is inputs)]
+            return fn(inputs)
+        return run
+
+    pruning.select_keep = oracle
+    try:
+        yield wrap
+    finally:
+        pruning.select_keep = original
 
 
 def _plot(path: Path, mal: dict, loose_rows: list[dict], strict: Result) -> bool:
