@@ -65,10 +65,12 @@ class Result:
 
     @property
     def target_calls_per_token(self) -> float:
-        """Target forwards per generated token, the prefill included (1.0 for plain decoding)."""
+        """Target forwards per generated token of one sequence, the prefill included (1.0 for plain decoding):
+        (verification rounds each row took part in + one prefill per row) / tokens. Counted per row, so batch
+        rows sharing a forward do not divide it (with batch 1 it is target calls / tokens)."""
         if not self.row_rounds:
             return 1.0
-        return (self.rounds + self.prefills) / self.tokens if self.tokens else float("nan")
+        return (self.row_rounds + self.rows) / self.tokens if self.tokens else float("nan")
 
 
 def workload(n_clips: int, *, batch_size: int, max_new_tokens: int, target, tokenizer, start: int = 0,

@@ -3,7 +3,8 @@
 On held-out clips of the synthetic task, with the shipped target/draft pair:
 
 1. strict verification, MAL for every prune method at keep ratios 1.0, 0.5, 0.25, 0.1, 0.05 (at 1.0 every
-   method keeps every token, so one ``prune="none"`` run stands for all of them);
+   method keeps every token, so one ``prune="none"`` run stands for all of them), and an ORACLE keep-set (the
+   ground-truth square tokens, at ``--keep-ratio``'s budget) as the ceiling for any scoring;
 2. the anchor detectors measured against the task's known anchor vocabulary (how well relevance separates anchor
    words from fillers: ROC AUC over the draft tokens of every round);
 3. loose verification at the default prune setting: MAL, outputs identical to strict, and task score relative

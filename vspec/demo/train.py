@@ -12,7 +12,9 @@
    stdout and to ``DIR/TRAINING.md``; weights to ``DIR/target`` and ``DIR/draft`` (``save_pretrained``).
 
 Everything is seeded (clip order, filler choices, initialisation); ``torch.set_num_threads`` is set from
-``--threads`` (1 by default, as in the recorded run), and results can differ with another thread count.
+``--threads`` (1 by default, as in the recorded run), and results can differ with another thread count. With the
+defaults (3000 target steps, 2000 draft steps, 1 thread) the run reproduces the shipped ``model.safetensors`` files
+byte for byte on the CPU (about 27 minutes on 2 shared cores; weights/TRAINING.md).
 """
 
 from __future__ import annotations
