@@ -306,6 +306,15 @@ def test_ops_empty_visual_set(device):
     assert ops.visual_attention_mass(q, k, vidx, out=out) is out
 
 
+def test_ops_mass_check_indices_off_gives_the_same_result(device):
+    # check_indices=False only skips the range check (a host sync); valid indices give the same mass
+    q, k = torch.randn(2, 4, 3, 16, device=device), torch.randn(2, 2, 10, 16, device=device)
+    vidx = torch.tensor([[0, 5, -1], [1, 2, 9]], device=device)
+    want = ops.visual_attention_mass(q, k, vidx)
+    got = ops.visual_attention_mass(q, k, vidx, check_indices=False)
+    assert torch.equal(got, want)
+
+
 def _bad_mass_calls():
     q, k = torch.randn(2, 4, 3, 16), torch.randn(2, 2, 10, 16)
     v = torch.tensor([[0, 5, -1], [1, 2, 9]])
