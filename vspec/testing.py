@@ -38,6 +38,8 @@ __all__ = [
     "visual_token_count",
     "perturbed_copy",
     "chi_square_test",
+    "repeat_rows",
+    "target_sequence_probs",
 ]
 
 PAD_ID, BOS_ID, EOS_ID, VISION_START_ID, VISION_END_ID, IMAGE_ID, VIDEO_ID = range(7)
@@ -340,3 +342,37 @@ def chi_square_test(counts: dict, probs: dict, n: int, *, min_expected: float = 
     p_value = float(torch.special.gammaincc(torch.tensor(max(dof, 1) / 2.0, dtype=torch.float64),
                                             torch.tensor(stat / 2.0, dtype=torch.float64)))
     return p_value, stat, dof
+
+
+def repeat_rows(inputs: dict, rows: int) -> dict:
+    """A batch-1 input dict (from :func:`make_inputs`) repeated into ``rows`` identical rows: every tensor is
+    repeated along its first dim (pixel rows, grids and per-video values included)."""
+    return {k: v.repeat(rows, *([1] * (v.ndim - 1))) for k, v in inputs.items()}
+
+
+@torch.no_grad()
+def target_sequence_probs(model, inputs: dict, n_tokens: int, *, temperature: float, top_k: int) -> dict:
+    """Exact probability of every continuation of ``n_tokens`` tokens that ``model`` can sample from a batch-1,
+    unpadded ``inputs`` under ``temperature`` and top-k warping: ``{(t1, ..., tn): p}`` (the support only).
+
+    The sampling tests compare drawn continuations with it through :func:`chi_square_test`."""
+    ids0 = inputs["input_ids"]
+    kw = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+
+    def warped(ids):
+        if "mm_token_type_ids" in inputs:
+            pad = torch.zeros(1, ids.shape[1] - ids0.shape[1], dtype=inputs["mm_token_type_ids"].dtype)
+            kw["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], pad], dim=1)
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).logits[0, -1].float() / temperature
+        kth = torch.topk(logits, top_k).values[-1:]
+        return logits.masked_fill(logits < kth, float("-inf")).softmax(-1)
+
+    joint = {(): 1.0}
+    for _ in range(n_tokens):
+        nxt = {}
+        for prefix, p in joint.items():
+            probs = warped(torch.cat([ids0, torch.tensor([list(prefix)], dtype=torch.long)], dim=1))
+            for t in torch.nonzero(probs).flatten().tolist():
+                nxt[prefix + (t,)] = p * float(probs[t])
+        joint = nxt
+    return joint

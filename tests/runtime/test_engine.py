@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from vspec import PruneConfig, SpecConfig, SpecDecoder, apply_vspec
-from vspec.testing import chi_square_test, make_inputs, perturbed_copy, tiny_model, tiny_pair
+from vspec.testing import (
+    chi_square_test,
+    make_inputs,
+    perturbed_copy,
+    repeat_rows,
+    target_sequence_probs,
+    tiny_model,
+    tiny_pair,
+)
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision"]
 
@@ -196,29 +204,10 @@ def test_sampling_follows_the_target_distribution(models, noise, monkeypatch):
     draft = perturbed_copy(target, noise=noise, seed=7)
     one = make_inputs(target, batch_size=1, prompt_lens=[4], seed=11)
     temperature, top_k = 0.8, 4
-
-    def warped_probs(logits):
-        logits = logits.float() / temperature
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        return logits.masked_fill(logits < kth, float("-inf")).softmax(-1)
-
-    with torch.no_grad():
-        p1 = warped_probs(target(**one).logits[0, -1])
-        firsts = torch.nonzero(p1).flatten()
-        joint = {}
-        for t1 in firsts.tolist():
-            ids = torch.cat([one["input_ids"], torch.tensor([[t1]])], dim=1)
-            am = torch.ones_like(ids)
-            kw = {k: v for k, v in one.items() if k not in ("input_ids", "attention_mask")}
-            kw["mm_token_type_ids"] = torch.cat([kw["mm_token_type_ids"], torch.zeros(1, 1, dtype=torch.long)], 1)
-            p2 = warped_probs(target(input_ids=ids, attention_mask=am, **kw).logits[0, -1])
-            for t2 in torch.nonzero(p2).flatten().tolist():
-                joint[(t1, t2)] = float(p1[t1] * p2[t2])
+    joint = target_sequence_probs(target, one, 2, temperature=temperature, top_k=top_k)
 
     rows, calls = 500, 6
-    batch = {k: (v.repeat(rows, *([1] * (v.ndim - 1))) if k != "video_grid_thw" else v.repeat(rows, 1))
-             for k, v in one.items()}
-    batch["second_per_grid_ts"] = one["second_per_grid_ts"].repeat(rows)
+    batch = repeat_rows(one, rows)
     counts = {}
     dec = SpecDecoder(target, draft, SpecConfig(draft_len=3, prune="none"))
     gen = torch.Generator().manual_seed(1234)

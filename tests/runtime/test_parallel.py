@@ -12,7 +12,7 @@ import torch
 
 from vspec import LooseConfig, SpecConfig, SpecDecoder
 from vspec.runtime import parallel
-from vspec.testing import chi_square_test, make_inputs, perturbed_copy, tiny_pair
+from vspec.testing import chi_square_test, make_inputs, perturbed_copy, repeat_rows, target_sequence_probs, tiny_pair
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision"]
 MODES = ["post", "pre", "pearl"]
@@ -249,31 +249,10 @@ def test_sampling_follows_the_target_distribution(models, mode, gamma, monkeypat
     draft = perturbed_copy(target, noise=0.1, seed=7)
     one = make_inputs(target, batch_size=1, prompt_lens=[4], seed=11)
     temperature, top_k, n_tok = 0.8, 2, 4
-    kw = {k: v for k, v in one.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-
-    def warped_probs(ids):
-        mm = torch.cat([one["mm_token_type_ids"], torch.zeros(1, ids.shape[1] - one["input_ids"].shape[1],
-                                                               dtype=torch.long)], dim=1)
-        logits = target(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
-                        **kw).logits[0, -1].float() / temperature
-        kth = torch.topk(logits, top_k).values[-1:]
-        return logits.masked_fill(logits < kth, float("-inf")).softmax(-1)
-
-    joint = {(): 1.0}
-    with torch.no_grad():
-        for _ in range(n_tok):
-            nxt = {}
-            for prefix, p in joint.items():
-                probs = warped_probs(torch.cat([one["input_ids"], torch.tensor([list(prefix)], dtype=torch.long)],
-                                               dim=1))
-                for t in torch.nonzero(probs).flatten().tolist():
-                    nxt[prefix + (t,)] = p * float(probs[t])
-            joint = nxt
+    joint = target_sequence_probs(target, one, n_tok, temperature=temperature, top_k=top_k)
 
     rows, calls = 500, 6
-    batch = {k: (v.repeat(rows, *([1] * (v.ndim - 1))) if k != "video_grid_thw" else v.repeat(rows, 1))
-             for k, v in one.items()}
-    batch["second_per_grid_ts"] = one["second_per_grid_ts"].repeat(rows)
+    batch = repeat_rows(one, rows)
     cfg = SpecConfig(draft_len=gamma, prune="none", parallel=True, parallel_mode=mode)
     dec = SpecDecoder(target, draft, cfg)
     gen = torch.Generator().manual_seed(4321)

@@ -49,7 +49,6 @@ class Result:
     loose_accepted: int = 0
     kept_visual: int = 0
     total_visual: int = 0
-    prefills: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -129,5 +128,4 @@ def run_method(label: str, wl: Workload, fn, *, repeats: int = 1, progress=None)
             res.loose_accepted += st.loose_accepted
             res.kept_visual += st.kept_visual_tokens
             res.total_visual += st.total_visual_tokens
-            res.prefills += 1
     return res
