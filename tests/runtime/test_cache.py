@@ -8,7 +8,14 @@ from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 from transformers.cache_utils import Cache
 
 from vspec.runtime.cache import SpecCache
+from vspec.runtime.state import cache_keyword
 from vspec.testing import make_inputs, tiny_model
+
+
+def _kv(model, cache) -> dict:
+    """The cache keyword the installed transformers expects (``cache`` from 5.24, ``past_key_values`` before)."""
+    return {cache_keyword(model): cache}
+
 
 L, B, H, D = 3, 2, 2, 4
 
@@ -244,7 +251,7 @@ def _decode(model, inputs, cache, steps: int, *, prune_keep=None):
     """
     pos = _prefill_positions(model, inputs)
     mask = inputs["attention_mask"]
-    out = model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True)
+    out = model(**inputs, position_ids=pos, **_kv(model, cache), use_cache=True)
     spec = isinstance(cache, SpecCache)
     if spec:
         cache.set_valid(mask)
@@ -272,7 +279,7 @@ def _decode(model, inputs, cache, steps: int, *, prune_keep=None):
             mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
             step_mask = mask
         out = model(input_ids=tok, attention_mask=step_mask, position_ids=_step_positions(pos, t),
-                    past_key_values=cache, use_cache=True)
+                    **_kv(model, cache), use_cache=True)
         logits.append(out.logits[:, -1])
     return torch.cat(tokens, dim=1), torch.stack(logits, dim=1)
 
@@ -302,7 +309,7 @@ def test_rollback_then_redecode_equals_never_going_ahead(kind):
 
     cache = _spec(model)
     pos = _prefill_positions(model, inputs)
-    out = model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True)
+    out = model(**inputs, position_ids=pos, **_kv(model, cache), use_cache=True)
     cache.set_valid(inputs["attention_mask"])
     first = out.logits[:, -1].argmax(-1, keepdim=True)
     assert torch.equal(first, tok_ref[:, :1])
@@ -311,18 +318,18 @@ def test_rollback_then_redecode_equals_never_going_ahead(kind):
     wrong = (tok_ref[:, 1:4] + 1) % 1000
     draft = torch.cat([first, wrong], dim=1)
     model(input_ids=draft, attention_mask=cache.attention_mask(4), position_ids=_step_positions(pos, 0, 4),
-          past_key_values=cache, use_cache=True)
+          **_kv(model, cache), use_cache=True)
     assert cache.length == n0 + 4
     cache.crop(n0 + 1)
     assert cache.get_seq_length() == n0 + 1
     # Continue from the accepted first token: the next logits are those of a run that never went ahead.
     out = model(input_ids=tok_ref[:, 1:2], attention_mask=cache.attention_mask(1),
-                position_ids=_step_positions(pos, 1), past_key_values=cache, use_cache=True)
+                position_ids=_step_positions(pos, 1), **_kv(model, cache), use_cache=True)
     torch.testing.assert_close(out.logits[:, -1], log_ref[:, 2], rtol=1e-5, atol=1e-5)
     # Recompute the first decode step after rolling back to the prompt.
     cache.crop(n0)
     out = model(input_ids=first, attention_mask=cache.attention_mask(1), position_ids=_step_positions(pos, 0),
-                past_key_values=cache, use_cache=True)
+                **_kv(model, cache), use_cache=True)
     torch.testing.assert_close(out.logits[:, -1], log_ref[:, 1], rtol=1e-5, atol=1e-5)
 
 
@@ -364,7 +371,7 @@ def test_compaction_equals_pruned_inputs(batch):
 
     cache = _spec(model)
     out = model(input_ids=inputs["input_ids"], attention_mask=keep.long(), position_ids=pos,
-                past_key_values=cache)
+                **_kv(model, cache))
     cache.set_valid(keep)
     width = int(keep.sum(1).max())
     src = torch.full((batch, width), -1, dtype=torch.long)
@@ -381,16 +388,16 @@ def test_compaction_equals_pruned_inputs(batch):
     cache.compact_(src, 0, check=True)
     # Right-aligned compaction instead of left: rows with fewer kept tokens get trailing holes; both fine.
     dyn = DynamicCache(config=model.config)
-    out_d = model(input_ids=kept_ids, attention_mask=kept_mask, position_ids=kept_pos, past_key_values=dyn)
+    out_d = model(input_ids=kept_ids, attention_mask=kept_mask, position_ids=kept_pos, **_kv(model, dyn))
     torch.testing.assert_close(out.logits[:, -1], out_d.logits[:, -1], rtol=1e-5, atol=1e-5)
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
     mask_d = kept_mask
     for t in range(4):
         step_pos = _step_positions(pos, t)
         o_s = model(input_ids=tok, attention_mask=cache.attention_mask(1), position_ids=step_pos,
-                    past_key_values=cache)
+                    **_kv(model, cache))
         mask_d = torch.cat([mask_d, torch.ones_like(tok)], dim=1)
-        o_d = model(input_ids=tok, attention_mask=mask_d, position_ids=step_pos, past_key_values=dyn)
+        o_d = model(input_ids=tok, attention_mask=mask_d, position_ids=step_pos, **_kv(model, dyn))
         torch.testing.assert_close(o_s.logits[:, -1], o_d.logits[:, -1], rtol=1e-5, atol=1e-5)
         tok = o_d.logits[:, -1].argmax(-1, keepdim=True)
 
@@ -403,23 +410,23 @@ def test_select_rows_mid_decode_equals_smaller_batch():
     tok_ref, log_ref = _decode(model, inputs, _spec(model), 4)
     cache = _spec(model)
     pos = _prefill_positions(model, inputs)
-    out = model(**inputs, position_ids=pos, past_key_values=cache)
+    out = model(**inputs, position_ids=pos, **_kv(model, cache))
     cache.set_valid(inputs["attention_mask"])
     keep = torch.tensor([0, 2])
     cache.select_rows(keep)
     tok = out.logits[keep, -1].argmax(-1, keepdim=True)
     out = model(input_ids=tok, attention_mask=cache.attention_mask(1),
-                position_ids=_step_positions(pos[keep], 0), past_key_values=cache)
+                position_ids=_step_positions(pos[keep], 0), **_kv(model, cache))
     torch.testing.assert_close(out.logits[:, -1], log_ref[keep, 1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen2_5_vl"])
 def test_hf_generate_accepts_spec_cache(kind):
-    """``generate(past_key_values=SpecCache)`` runs HF's own loop on the cache and gives the same tokens."""
+    """``generate(**_kv(model, SpecCache))`` runs HF's own loop on the cache and gives the same tokens."""
     model = _model(kind)
     inputs = _inputs(kind, 2)
     want = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)
     cache = _spec(model)
-    got = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0, past_key_values=cache)
+    got = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0, **_kv(model, cache))
     assert torch.equal(got, want)
     assert cache.length == want.shape[1] - 1  # the last token is never fed back

@@ -10,6 +10,8 @@ batch row can accept a different number of tokens than its neighbours without mo
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .. import ops
@@ -29,6 +31,12 @@ def padded_indices(mask: torch.Tensor, n_max: int | None = None) -> torch.Tensor
     return torch.where(keep, order, torch.full_like(order, -1))
 
 
+def cache_keyword(model) -> str:
+    """The forward's name for the KV cache: ``cache`` from transformers 5.24 (``past_key_values`` is deprecated there,
+    removal announced for 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class ModelState:
     """Cache + validity mask of one model for the active batch rows.
 
@@ -41,6 +49,7 @@ class ModelState:
         self.model = model
         self.adapter = adapter
         self.cache = DynamicCache(config=model.config)
+        self._cache_kw = cache_keyword(model)
         self.valid: torch.Tensor | None = None
         self.calls = 0
 
@@ -60,7 +69,7 @@ class ModelState:
             inputs_embeds=inputs_embeds,
             position_ids=self.adapter.model_position_ids(positions),
             attention_mask=self.valid.long(),
-            past_key_values=self.cache,
+            **{self._cache_kw: self.cache},
             use_cache=True,
             logits_to_keep=logits_to_keep,
             **model_kwargs,
@@ -92,7 +101,7 @@ class ModelState:
             input_ids=input_ids,
             position_ids=self.adapter.model_position_ids(positions),
             attention_mask=mask[:, None],
-            past_key_values=self.cache,
+            **{self._cache_kw: self.cache},
             use_cache=True,
         )
         self.calls += 1
