@@ -40,10 +40,12 @@ class VSpecHandle:
 def apply_vspec(target, draft, config: SpecConfig | None = None) -> VSpecHandle:
     """Patch ``target.generate`` (this instance only) to run :class:`SpecDecoder` with ``draft``.
 
-    The patched ``generate`` takes the same inputs as :meth:`SpecDecoder.generate` and returns the sequences
-    tensor, or, with ``return_dict_in_generate=True``, the :class:`SpecOutput` (``.sequences``, ``.stats``).
-    The stats of the latest call are also on ``handle.last_stats``. Beam search, ``assistant_model`` and
-    custom logits processors raise ``ValueError``. Returns a handle; ``handle.undo()`` restores the original.
+    The patched ``generate`` takes the same inputs and generation options as :meth:`SpecDecoder.generate` (resolved
+    from the model's ``generation_config`` as transformers does) and returns the sequences tensor, or, with
+    ``return_dict_in_generate=True``, the :class:`SpecOutput` (``.sequences``, ``.stats``). The stats of the latest
+    call are also on ``handle.last_stats``. Options vspec does not apply (beam search, ``assistant_model``, custom
+    logits processors, ``output_scores``, ...) raise ``ValueError`` naming them. Returns a handle; ``handle.undo()``
+    restores the original.
     """
     if getattr(target, _MARK, None) is not None:
         raise RuntimeError("apply_vspec: this model is already patched; call handle.undo() first")
@@ -52,12 +54,12 @@ def apply_vspec(target, draft, config: SpecConfig | None = None) -> VSpecHandle:
     original = target.__dict__.get("generate")
     handle = VSpecHandle(target, decoder, had, original)
 
-    def generate(input_ids=None, *args, return_dict_in_generate: bool = False, **kwargs):
+    def generate(input_ids=None, *args, **kwargs):
         if args:
             raise TypeError("the vspec-patched generate takes the inputs as keyword arguments after input_ids")
         out = decoder.generate(input_ids, **kwargs)
         handle.last_stats = out.stats
-        return out if return_dict_in_generate else out.sequences
+        return out if out.settings.return_dict_in_generate else out.sequences
 
     target.generate = generate
     setattr(target, _MARK, handle)

@@ -351,11 +351,16 @@ def repeat_rows(inputs: dict, rows: int) -> dict:
 
 
 @torch.no_grad()
-def target_sequence_probs(model, inputs: dict, n_tokens: int, *, temperature: float, top_k: int) -> dict:
+def target_sequence_probs(model, inputs: dict, n_tokens: int, *, temperature: float, top_k: int,
+                          repetition_penalty: float = 1.0) -> dict:
     """Exact probability of every continuation of ``n_tokens`` tokens that ``model`` can sample from a batch-1,
-    unpadded ``inputs`` under ``temperature`` and top-k warping: ``{(t1, ..., tn): p}`` (the support only).
+    unpadded ``inputs`` under ``repetition_penalty`` (transformers' own processor), ``temperature`` and top-k
+    warping: ``{(t1, ..., tn): p}`` (the support only).
 
     The sampling tests compare drawn continuations with it through :func:`chi_square_test`."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    penalty = RepetitionPenaltyLogitsProcessor(repetition_penalty) if repetition_penalty != 1.0 else None
     ids0 = inputs["input_ids"]
     kw = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
 
@@ -363,7 +368,10 @@ def target_sequence_probs(model, inputs: dict, n_tokens: int, *, temperature: fl
         if "mm_token_type_ids" in inputs:
             pad = torch.zeros(1, ids.shape[1] - ids0.shape[1], dtype=inputs["mm_token_type_ids"].dtype)
             kw["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], pad], dim=1)
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).logits[0, -1].float() / temperature
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).logits[:, -1].float()
+        if penalty is not None:
+            logits = penalty(ids, logits)
+        logits = logits[0] / temperature
         kth = torch.topk(logits, top_k).values[-1:]
         return logits.masked_fill(logits < kth, float("-inf")).softmax(-1)
 

@@ -28,6 +28,7 @@ from .. import ops
 from .anchors import make_detector
 from .capture import ScoreCapture, capturing
 from .config import SpecConfig
+from .generation import GenerationSettings, History, LogitsRules, chain_extra, resolve_generation, tree_extra
 from .models import Prompt, get_adapter
 from .state import ModelState, padded_indices
 from .trees import TreeLevels, tree_from_choices
@@ -98,26 +99,13 @@ class SpecStats:
 
 @dataclass
 class SpecOutput:
-    """Like HF generate's output: ``sequences`` = prompt + new tokens, rows padded with ``pad_token_id``."""
+    """Like HF generate's output: ``sequences`` = prompt + new tokens, rows padded with ``pad_token_id``.
+
+    settings: the resolved generation options the call decoded with."""
 
     sequences: torch.Tensor
     stats: SpecStats
-
-
-def _warp(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """HF's sampling warpers in HF's order: temperature, top-k, top-p. Returns float32 logits with −inf cuts."""
-    logits = logits.float() / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=False)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove_sorted = cum <= (1 - top_p)
-        remove_sorted[..., -1:] = False
-        remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
+    settings: GenerationSettings | None = None
 
 
 class SpecDecoder:
@@ -159,50 +147,43 @@ class SpecDecoder:
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         *,
-        max_new_tokens: int | None = None,
-        do_sample: bool = False,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
+        generation_config=None,
         streamer=None,
         generator: torch.Generator | None = None,
-        **model_kwargs,
+        **kwargs,
     ) -> SpecOutput:
+        """Speculative ``generate``: the same inputs and generation options as ``target.generate``.
+
+        Generation options resolve as in transformers (the target's ``generation_config``, then ``generation_config=``,
+        then keyword arguments) and are applied to the target's verification logits and the draft's proposals alike
+        (:mod:`vspec.runtime.generation`); an option vspec does not apply raises ``ValueError`` naming it. ``generator``
+        seeds sampling (default: ``SpecConfig.seed``).
+        """
         cfg = self.config
-        gen_cfg = self.target.generation_config
+        if input_ids is None:
+            raise ValueError("input_ids is required (inputs_embeds-only generation is not supported)")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be a [B, L] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+        settings, model_kwargs = resolve_generation(self.target, input_ids, generation_config, **kwargs)
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, model_kwargs)
         if streamer is not None and input_ids.shape[0] > 1:
             raise ValueError("streamer supports batch size 1 only (as in transformers)")
-        if max_new_tokens is None:
-            max_new_tokens = gen_cfg.max_new_tokens if gen_cfg.max_new_tokens is not None else 20
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        eos = eos_token_id if eos_token_id is not None else gen_cfg.eos_token_id
-        eos_ids = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
-                               dtype=torch.long, device=input_ids.device)
-        pad = pad_token_id if pad_token_id is not None else gen_cfg.pad_token_id
-        if pad is None:
-            pad = int(eos_ids[0]) if eos_ids.numel() else 0
-        if cfg.verify == "loose" and do_sample:
-            raise ValueError("verify='loose' is defined for greedy decoding only; use do_sample=False or "
-                             "verify='strict'")
-        if do_sample:
-            temperature = gen_cfg.temperature if temperature is None else temperature
-            top_k = gen_cfg.top_k if top_k is None else top_k
-            top_p = gen_cfg.top_p if top_p is None else top_p
-            if temperature is None or temperature <= 0:
-                raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature}")
-            if generator is None:
-                generator = torch.Generator(device=input_ids.device).manual_seed(cfg.seed)
-        sampling = (temperature or 1.0, top_k, top_p) if do_sample else None
+        if cfg.verify == "loose" and settings.sample:
+            raise ValueError("verify='loose' is defined for greedy decoding only; use do_sample=False (or top_k=1) "
+                             "or verify='strict'")
+        if cfg.tree is not None:
+            self._check_tree(settings)
+        if settings.sample and generator is None:
+            generator = torch.Generator(device=input_ids.device).manual_seed(cfg.seed)
+        max_new_tokens, pad = settings.max_new_tokens, settings.pad_token_id
+        eos_ids = torch.tensor(settings.eos_token_ids, dtype=torch.long, device=input_ids.device)
+        rules = LogitsRules(settings, self.t_adapter.vocab_size, input_ids.device)
+        hist = History(settings, input_ids, attention_mask, self.t_adapter.vocab_size,
+                       max_new_tokens + (cfg.tree.depth if cfg.tree is not None else cfg.draft_len) + 2)
         self._anchors = make_detector(cfg.loose, self.target, self.t_adapter) if cfg.verify == "loose" else None
         self._loose_accepted = None
         self._round_loose = None
 
-        if cfg.tree is not None:
-            self._check_tree(do_sample)
         stats = SpecStats(accept_histogram=[0] * ((cfg.tree.depth if cfg.tree is not None else cfg.draft_len) + 1))
         t0 = time.perf_counter()
         prompt = self.t_adapter.prompt(input_ids, attention_mask, model_kwargs)
@@ -212,17 +193,17 @@ class SpecDecoder:
 
             par = ParallelSchedule(self, generator)
             target, draft = par.states()
-            first = par.prefill(prompt, target, draft, stats, sampling, generator)
+            first = par.prefill(prompt, target, draft, stats, rules, generator, hist=hist)
             decode = par.decode
         else:
             target = ModelState(self.target, self.t_adapter)
             draft = ModelState(self.draft, self.d_adapter)
-            first = self._prefill(prompt, target, draft, stats, sampling, generator)
+            first = self._prefill(prompt, target, draft, stats, rules, generator, hist=hist)
         stats.prefill_seconds = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        new_tokens = decode(prompt, target, draft, first, max_new_tokens, eos_ids, pad, stats, sampling, generator,
-                            streamer)
+        new_tokens = decode(prompt, target, draft, first, max_new_tokens, eos_ids, pad, stats, rules, generator,
+                            streamer, hist=hist)
         stats.decode_seconds = time.perf_counter() - t1
         if self._loose_accepted is not None:
             stats.loose_accepted = int(self._loose_accepted)
@@ -231,14 +212,10 @@ class SpecDecoder:
         stats.draft_calls = draft.calls
         if streamer is not None:
             streamer.end()
-        return SpecOutput(sequences=torch.cat([input_ids, new_tokens], dim=1), stats=stats)
+        return SpecOutput(sequences=torch.cat([input_ids, new_tokens], dim=1), stats=stats, settings=settings)
 
     # ------------------------------------------------------------------------------------------------
     def _check_inputs(self, input_ids, attention_mask, model_kwargs):
-        if input_ids is None:
-            raise ValueError("input_ids is required (inputs_embeds-only generation is not supported)")
-        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be a [B, L] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
@@ -250,26 +227,22 @@ class SpecDecoder:
                 raise ValueError(f"input_ids are on {input_ids.device} but the {name} is on {model.device}")
         if model_kwargs.get("inputs_embeds") is not None:
             raise ValueError("inputs_embeds is not supported; pass input_ids and the processor's visual inputs")
-        if model_kwargs.get("past_key_values") is not None:
-            raise ValueError("past_key_values is not supported: SpecDecoder manages both models' caches")
-        for unsupported in ("num_beams", "num_return_sequences", "assistant_model", "logits_processor"):
-            if model_kwargs.get(unsupported) not in (None, 1):
-                raise ValueError(f"{unsupported} is not supported by SpecDecoder")
-            model_kwargs.pop(unsupported, None)
-        for ignored in ("use_cache", "return_dict_in_generate", "output_scores", "generation_config"):
-            model_kwargs.pop(ignored, None)
+        for name in ("past_key_values", "cache"):
+            if model_kwargs.get(name) is not None:
+                raise ValueError(f"{name} is not supported: SpecDecoder manages both models' caches")
+            model_kwargs.pop(name, None)
         return input_ids, attention_mask
 
-    def _select(self, logits: torch.Tensor, sampling, generator) -> torch.Tensor:
-        """Next token from ``logits [B, V]``: argmax (ties → lowest id) or a draw from the warped distribution."""
-        if sampling is None:
-            return logits.argmax(dim=-1)
-        probs = _warp(logits, *sampling).softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    def _select(self, logits: torch.Tensor, rules: LogitsRules, generator, hist: History | None) -> torch.Tensor:
+        """Next token from the target's ``logits [B, V]`` after the committed history ``hist`` (rules applied)."""
+        return rules.select(logits, hist, generator)
 
     # ------------------------------------------------------------------------------------------------
-    def _prefill(self, prompt: Prompt, target: ModelState, draft: ModelState | None, stats, sampling, generator):
-        """Target prefill, its first token, then (unless ``draft`` is None) the draft's prefill."""
+    def _prefill(self, prompt: Prompt, target: ModelState, draft: ModelState | None, stats, rules: LogitsRules,
+                 generator, *, hist: History | None = None):
+        """Target prefill, its first token, then (unless ``draft`` is None) the draft's prefill.
+
+        ``hist``: the prompt's history for the rules (the first token is selected after it)."""
         cfg = self.config
         valid = prompt.attention_mask.bool()
         vis = prompt.visual_mask
@@ -294,7 +267,7 @@ class SpecDecoder:
             with self._watch_prefill(visual_idx):
                 logits = target.forward(input_ids=prompt.input_ids, positions=prompt.positions, new_valid=valid,
                                         logits_to_keep=1, **prompt.model_kwargs)
-        first = self._select(logits[:, -1], sampling, generator)
+        first = self._select(logits[:, -1], rules, generator, hist)
 
         if draft is not None:
             self._prefill_draft(prompt, draft, stats, capture, embeds_t, visual_idx)
@@ -395,19 +368,20 @@ class SpecDecoder:
         return keep
 
     # ------------------------------------------------------------------------------------------------
-    def _decode(self, prompt, target, draft, first, max_new_tokens, eos_ids, pad, stats, sampling, generator,
-                streamer):
+    def _decode(self, prompt, target, draft, first, max_new_tokens, eos_ids, pad, stats, rules, generator,
+                streamer, *, hist: History | None = None):
         if self.config.tree is not None:
-            return self._decode_tree(prompt, target, draft, first, max_new_tokens, eos_ids, pad, stats, streamer)
+            return self._decode_tree(prompt, target, draft, first, max_new_tokens, eos_ids, pad, stats, streamer,
+                                     rules=rules, hist=hist)
         gamma = self.config.draft_len
-        lp = _Loop(first, prompt.next_pos + 1, max_new_tokens, gamma, pad, eos_ids)
+        lp = _Loop(first, prompt.next_pos + 1, max_new_tokens, gamma, pad, eos_ids, hist=hist)
         if not self._start_decode(prompt, lp, target, draft, first, max_new_tokens, eos_ids, streamer):
             return lp.result()
         while True:
-            drafts, d_probs = self._draft_chain(draft, lp, sampling, generator)
+            drafts, d_probs = self._draft_chain(draft, lp, rules, generator)
             t_base = target.length
             t_logits = self._target_chain(target, lp, drafts)
-            acc, emitted = self._verify(t_logits, drafts, d_probs, sampling, generator)
+            acc, emitted = self._verify(t_logits, drafts, d_probs, rules, generator, hist=lp.hist)
             n_new, fin = lp.commit(acc, emitted)
             # Roll both caches back by marking rejected slots as holes (device ops; lengths trimmed after the sync).
             # target holds [last, d_1..d_γ]: valid are last + the first acc drafts.
@@ -437,12 +411,14 @@ class SpecDecoder:
                 part.select_rows(idx)
         return True
 
-    def _draft_chain(self, draft: ModelState, lp: _Loop, sampling, generator, *, gamma: int | None = None):
+    def _draft_chain(self, draft: ModelState, lp: _Loop, rules: LogitsRules, generator, *, gamma: int | None = None):
         """Feed the draft the committed tokens it has not seen, then let it propose γ tokens (γ forwards).
 
         Returns ``drafts [B, γ]`` and, when sampling, the draft's warped distributions ``[B, γ, V]``.
-        ``gamma`` defaults to ``config.draft_len``. Reads only ``lp.pend_d``, ``lp.pend_width``, ``lp.next_pos``
-        and ``lp.last`` (the parallel schedule passes a stand-in holding them).
+        ``gamma`` defaults to ``config.draft_len``. Reads only ``lp.pend_d``, ``lp.pend_width``, ``lp.next_pos``,
+        ``lp.last`` and ``lp.hist`` (the parallel schedule passes a stand-in holding them). The draft proposes under
+        the same logits rules as the target, after the committed history plus its own drafts so far (``lp.hist``
+        None: history unknown, only the history-free rules apply; proposals only affect acceptance, never the output).
         """
         gamma = self.config.draft_len if gamma is None else gamma
         device = lp.last.device
@@ -454,13 +430,16 @@ class SpecDecoder:
         d_tokens, d_probs = [], []
         pos = lp.next_pos
         ones = torch.ones_like(lp.last, dtype=torch.bool)[:, None]
+        hist = getattr(lp, "hist", None)
         for i in range(gamma):
-            if sampling is not None:
-                probs = _warp(logits, *sampling).softmax(dim=-1)
+            so_far = torch.stack(d_tokens, dim=1)[:, None] if d_tokens else None
+            x = rules.apply(logits[:, None], hist, so_far)[:, 0]
+            if rules.sample:
+                probs = rules.warp(x).softmax(dim=-1)
                 tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
                 d_probs.append(probs)
             else:
-                tok = logits.argmax(dim=-1)
+                tok = x.argmax(dim=-1)
             d_tokens.append(tok)
             if i + 1 < gamma:
                 logits = draft.forward(input_ids=tok[:, None], positions=self.d_adapter.decode_positions(pos[:, None]),
@@ -481,18 +460,20 @@ class SpecDecoder:
         """Lets the loose-verification anchor detector see the target's prefill (no-op in strict mode)."""
         return self._anchors.prefill(visual_idx) if self._anchors is not None else contextlib.nullcontext()
 
-    def _verify(self, t_logits, drafts, d_probs, sampling, generator):
+    def _verify(self, t_logits, drafts, d_probs, rules: LogitsRules, generator, *, hist: History | None):
         """``(accept_len [B], tokens [B, γ+1])``: tokens[:, :acc+1] are the round's tokens (accepted drafts, then
-        the target's correction or bonus token)."""
+        the target's correction or bonus token). ``t_logits [B, γ+1, V]`` are the target's raw logits over
+        ``[last, d_1 .. d_γ]``; position i is processed after the committed history ``hist`` plus ``d_1 .. d_i``."""
+        t_logits = rules.apply(t_logits, hist, chain_extra(drafts, t_logits.shape[1]))
         if self._anchors is not None:
             strict = self._anchors.strict(drafts)
             acc, tokens, loose = ops.verify_loose(t_logits, drafts, strict, return_loose=True, check_ids=False,
                                                   **self.config.loose.rule())
             self._round_loose = loose  # counted in _end_round, where the emitted length is known
             return acc, tokens
-        if sampling is None:
+        if not rules.sample:
             return ops.verify_greedy(t_logits, drafts, check_ids=False)
-        return ops.verify_sampling(_warp(t_logits, *sampling), d_probs, drafts, temperature=1.0, generator=generator,
+        return ops.verify_sampling(rules.warp(t_logits), d_probs, drafts, temperature=1.0, generator=generator,
                                    check_ids=False)
 
     def _end_round(self, lp: _Loop, target: ModelState, draft: ModelState, acc, n_new, fin, emitted, stats,
@@ -542,11 +523,11 @@ class SpecDecoder:
         return True
 
     # ---- tree drafting (SpecConfig.tree) ---------------------------------------------------------------
-    def _check_tree(self, do_sample: bool) -> None:
+    def _check_tree(self, settings) -> None:
         """Errors for what tree drafting does not support, raised before any work is done."""
-        if do_sample:
+        if settings.sample:
             raise ValueError("SpecConfig.tree supports greedy decoding only (verify_tree_greedy); use "
-                             "do_sample=False, or tree=None for speculative sampling with a chain")
+                             "do_sample=False (or top_k=1), or tree=None for speculative sampling with a chain")
         from .capture import text_attn_implementation
 
         for name, model in (("target", self.target), ("draft", self.draft)):
@@ -555,7 +536,8 @@ class SpecDecoder:
                 raise ValueError(f"SpecConfig.tree needs the {name}'s text attention to accept a 4-D mask ('sdpa' or "
                                  f"'eager'), got {impl!r}")
 
-    def _decode_tree(self, prompt, target, draft, first, max_new_tokens, eos_ids, pad, stats, streamer):
+    def _decode_tree(self, prompt, target, draft, first, max_new_tokens, eos_ids, pad, stats, streamer, *,
+                     rules: LogitsRules, hist: History | None = None):
         """Greedy decode rounds with a token tree; one host sync per round (in :meth:`_end_round`).
 
         Per round: the draft is fed its pending committed tokens and expands the tree level by level
@@ -570,16 +552,17 @@ class SpecDecoder:
         device = first.device
         levels = (TreeLevels.dynamic(tree.width, depth, device) if tree.choices is None
                   else TreeLevels.static(tree_from_choices(tree.choices), device))
-        lp = _Loop(first, prompt.next_pos + 1, max_new_tokens, depth, pad, eos_ids)
+        lp = _Loop(first, prompt.next_pos + 1, max_new_tokens, depth, pad, eos_ids, hist=hist)
         if not self._start_decode(prompt, lp, target, draft, first, max_new_tokens, eos_ids, streamer):
             return lp.result()
         cols = torch.arange(depth + 1, device=device)[None]
         while True:
-            tokens, parents, anc, d_base = self._draft_tree(draft, lp, levels)
+            tokens, parents, anc, d_base = self._draft_tree(draft, lp, levels, rules)
             t_base = target.length
             pos = (lp.next_pos - 1)[:, None] + levels.depth[None]
             t_logits = target.forward_tree(input_ids=tokens, positions=self.t_adapter.decode_positions(pos),
                                            tree_mask=anc)
+            t_logits = rules.apply(t_logits, lp.hist, tree_extra(tokens, anc))
             acc, path, nxt = ops.verify_tree_greedy(t_logits, tokens, parents, width=depth + 1, check_ids=False)
             # path[:, 0] is the root (node 0); −1 padding points at the root too, which is on every path anyway.
             on_path = torch.zeros_like(tokens, dtype=torch.bool).scatter_(
@@ -595,7 +578,7 @@ class SpecDecoder:
                 break
         return lp.result()
 
-    def _draft_tree(self, draft: ModelState, lp: _Loop, levels: TreeLevels):
+    def _draft_tree(self, draft: ModelState, lp: _Loop, levels: TreeLevels, rules: LogitsRules):
         """Feed the draft its pending committed tokens, then expand the tree one level per forward.
 
         Returns ``tokens [B, N]`` (node 0 = the last committed token), ``parents [B, N]`` (−1 at the root),
@@ -619,7 +602,9 @@ class SpecDecoder:
         scores = torch.zeros(B, 1, dtype=torch.float32, device=device)
         for d in range(1, D + 1):
             lo, hi = levels.bounds[d]
-            plo = levels.bounds[d - 1][0]
+            plo, phi = levels.bounds[d - 1]
+            # the draft proposes under the target's rules, after the committed history plus each parent's path
+            logits = rules.apply(logits, lp.hist, tree_extra(tokens, anc[:, plo:phi]))
             tok, par_local, scores = _expand_level(levels, d, logits, scores)
             par = par_local + plo
             tokens[:, lo:hi] = tok
@@ -677,10 +662,11 @@ class _Loop:
     position of the token after ``last``; last: each active row's last committed token (not yet in the target's
     cache); pend_d: committed tokens the draft has not seen, right-aligned, −1 = none; pend_width: host-known
     number of columns of pend_d to feed (2 only after a round in which some row accepted every draft token);
-    depth: draft tokens a round can accept at most (γ, or the tree's depth).
+    depth: draft tokens a round can accept at most (γ, or the tree's depth); hist: the active rows' history for the
+    logits rules (:class:`~vspec.runtime.generation.History`), committed to with the tokens.
     """
 
-    def __init__(self, first, next_pos, max_new_tokens, gamma, pad, eos_ids):
+    def __init__(self, first, next_pos, max_new_tokens, gamma, pad, eos_ids, *, hist: History | None = None):
         B = first.shape[0]
         device = first.device
         self.max_new_tokens = max_new_tokens
@@ -694,6 +680,9 @@ class _Loop:
         self.pend_d = torch.stack([torch.full_like(first, -1), first], dim=1)
         self.pend_width = 1
         self.depth = gamma
+        self.hist = hist
+        if hist is not None:
+            hist.commit(first[:, None], torch.ones_like(first))
 
     def commit(self, acc: torch.Tensor, emitted: torch.Tensor):
         """Cut each row's round tokens ``emitted[:, :acc+1]`` at EOS (inclusive) and the budget, append them.
@@ -714,11 +703,15 @@ class _Loop:
         fin = (first_eos < n_new) | (self.n_out[self.rows] >= self.max_new_tokens)
         self.last = torch.gather(emitted, 1, (n_new - 1).clamp_min(0)[:, None]).squeeze(1)
         self.next_pos = self.next_pos + n_new
+        if self.hist is not None:
+            self.hist.commit(emitted, n_new)
         return n_new, fin
 
     def select_rows(self, idx: torch.Tensor) -> None:
         self.rows, self.next_pos, self.last = self.rows[idx], self.next_pos[idx], self.last[idx]
         self.pend_d = self.pend_d[idx]
+        if self.hist is not None:
+            self.hist.select_rows(idx)
 
     def result(self) -> torch.Tensor:
         width = int(self.n_out.max())

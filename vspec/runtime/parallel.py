@@ -224,8 +224,8 @@ class _ParLoop(_Loop):
     each row committed there.
     """
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.next_drafts = self.next_probs = self.carried = self.rej_a = self.tok_a = None
         self.ready = False
         self.extra = None
@@ -331,17 +331,18 @@ class ParallelSchedule:
                 _DraftState(self.dec.draft, self.dec.d_adapter, self.side))
 
     # ---- prefill ------------------------------------------------------------------------------------------
-    def prefill(self, prompt: Prompt, target: ModelState, draft: _DraftState, stats, sampling, generator):
+    def prefill(self, prompt: Prompt, target: ModelState, draft: _DraftState, stats, rules, generator, *,
+                hist=None):
         """The engine's prefill; the draft's part runs beside the target's when it does not need its scores."""
         cfg, dec, side = self.cfg, self.dec, self.side
         has_visual = bool(prompt.visual_mask.any())
         prune = cfg.prune if has_visual else "none"
         if prune in ("semantic", "attention") and cfg.prune_source == "target":
-            return dec._prefill(prompt, target, draft, stats, sampling, generator)
+            return dec._prefill(prompt, target, draft, stats, rules, generator, hist=hist)
         with side.run():
             d_prompt = side.prompt(prompt)  # copies (second device) are queued before the target's prefill
         ev = side.mark()
-        first = dec._prefill(prompt, target, None, stats, sampling, generator)
+        first = dec._prefill(prompt, target, None, stats, rules, generator, hist=hist)
         with side.run(after=ev):
             dec._prefill_draft(d_prompt, draft, stats)
         return first
@@ -352,8 +353,8 @@ class ParallelSchedule:
         g = round(ratio) - (1 if self.cfg.parallel_mode == "post" else 0)
         return max(1, min(self.cfg.draft_len, g))
 
-    def decode(self, prompt, target, draft, first, max_new_tokens, eos_ids, pad, stats, sampling, generator,
-               streamer):
+    def decode(self, prompt, target, draft, first, max_new_tokens, eos_ids, pad, stats, rules, generator,
+               streamer, *, hist=None):
         cfg, dec = self.cfg, self.dec
         gamma = cfg.draft_len
         warmup = 0
@@ -362,10 +363,10 @@ class ParallelSchedule:
                 gamma = self.gamma_from_ratio(cfg.draft_time_ratio)
             elif self.timer.can_measure:
                 warmup = 2  # serial rounds; the second (past first-call overheads) is measured
-        lp = _ParLoop(first, prompt.next_pos + 1, max_new_tokens, cfg.draft_len, pad, eos_ids)
+        lp = _ParLoop(first, prompt.next_pos + 1, max_new_tokens, cfg.draft_len, pad, eos_ids, hist=hist)
         if not dec._start_decode(prompt, lp, target, draft, first, max_new_tokens, eos_ids, streamer):
             return lp.result()
-        args = (target, draft, lp, stats, sampling, generator, streamer)
+        args = (target, draft, lp, stats, rules, generator, streamer)
         while True:
             self.timer.round += 1
             warm = stats.rounds < warmup
@@ -375,7 +376,7 @@ class ParallelSchedule:
                 lp.ready = False
                 alive = self._verify_round(*args, drafts, probs, gamma, spec=self.post and not warm)
             elif warm or not self.pre:
-                drafts, probs = self._fresh(draft, lp, gamma, sampling)
+                drafts, probs = self._fresh(draft, lp, gamma, rules)
                 alive = self._verify_round(*args, drafts, probs, gamma, spec=self.post and not warm)
             else:
                 alive = self._pre_round(*args, gamma)
@@ -392,10 +393,12 @@ class ParallelSchedule:
     def _view(self, lp):
         """What ``_draft_chain`` reads of the loop, on the draft side (call inside ``_Side.run``)."""
         s = self.side
-        return SimpleNamespace(pend_d=s.send(lp.pend_d), pend_width=lp.pend_width, next_pos=s.send(lp.next_pos),
+        # the committed history for the logits rules (on a second device the draft proposes without it)
+        return SimpleNamespace(hist=None if s.cross else lp.hist,
+                               pend_d=s.send(lp.pend_d), pend_width=lp.pend_width, next_pos=s.send(lp.next_pos),
                                last=s.send(lp.last))
 
-    def _fresh(self, draft, lp, gamma, sampling):
+    def _fresh(self, draft, lp, gamma, rules):
         """γ fresh drafts from the draft's pending tokens (nothing else runs meanwhile). Rows in ``lp.carried`` keep
         their kept speculation instead: their pending feed is a hole and the slots the chain appends for them
         become holes."""
@@ -406,7 +409,7 @@ class ParallelSchedule:
             view = self._view(lp)
             chain_start = draft.length
             with self.timer.draft(gamma):
-                drafts, probs = self.dec._draft_chain(draft, view, sampling, self.gen_d, gamma=gamma)
+                drafts, probs = self.dec._draft_chain(draft, view, rules, self.gen_d, gamma=gamma)
         drafts, probs = self.side.fetch(drafts), self.side.fetch(probs)
         if carried is not None:
             draft.invalidate(torch.where(carried, chain_start, draft.length), draft.length, trim=False)
@@ -416,14 +419,14 @@ class ParallelSchedule:
             lp.next_drafts = lp.next_probs = lp.carried = None
         return drafts, probs
 
-    def _verify(self, t_logits, drafts, probs, sampling, generator):
+    def _verify(self, t_logits, drafts, probs, rules, generator, hist):
         """The engine's verification; with no drafts (g = 0) the target's own next token."""
         if drafts.shape[1] == 0:
-            tok = self.dec._select(t_logits[:, 0], sampling, generator)
+            tok = self.dec._select(t_logits[:, 0], rules, generator, hist)
             return torch.zeros_like(tok), tok[:, None]
-        return self.dec._verify(t_logits, drafts, probs, sampling, generator)
+        return self.dec._verify(t_logits, drafts, probs, rules, generator, hist=hist)
 
-    def _verify_round(self, target, draft, lp, stats, sampling, generator, streamer, drafts, probs, gamma, *,
+    def _verify_round(self, target, draft, lp, stats, rules, generator, streamer, drafts, probs, gamma, *,
                       spec: bool) -> bool:
         """One target forward over ``[last, drafts]``; with ``spec`` the draft speculates γ+1 tokens meanwhile."""
         dec, side = self.dec, self.side
@@ -436,7 +439,8 @@ class ParallelSchedule:
         if spec:
             with side.run():  # inputs first: a copy to a second device is ordered on the main stream
                 feed = side.send(drafts[:, -1] if g else lp.last)
-                view = SimpleNamespace(pend_d=feed[:, None], pend_width=1, next_pos=side.send(lp.next_pos + g),
+                # drafting past unverified tokens: their history is not known yet (hist=None)
+                view = SimpleNamespace(hist=None, pend_d=feed[:, None], pend_width=1, next_pos=side.send(lp.next_pos + g),
                                        last=feed)
         ev = side.mark()
         t_base = target.length
@@ -444,10 +448,10 @@ class ParallelSchedule:
             t_logits = dec._target_chain(target, lp, drafts)
         if spec:
             with side.run(after=ev), self.timer.draft(gamma + 1):
-                e_tok, e_probs = dec._draft_chain(draft, view, sampling, self.gen_d, gamma=gamma + 1)
-        acc, emitted = self._verify(t_logits, drafts, probs, sampling, generator)
+                e_tok, e_probs = dec._draft_chain(draft, view, rules, self.gen_d, gamma=gamma + 1)
+        acc, emitted = self._verify(t_logits, drafts, probs, rules, generator, lp.hist)
         if rej_a is not None:  # rows that rejected D_1: the target's own token, not a verdict on D_2..
-            own = dec._select(t_logits[:, 0], sampling, generator)
+            own = dec._select(t_logits[:, 0], rules, generator, lp.hist)
             acc = torch.where(rej_a, 0, acc)
             alone = torch.cat([own[:, None], torch.full_like(emitted[:, 1:], -1)], dim=1)
             emitted = torch.where(rej_a[:, None], alone, emitted)
@@ -494,7 +498,7 @@ class ParallelSchedule:
             lp.carried = None
         return alive
 
-    def _pre_round(self, target, draft, lp, stats, sampling, generator, streamer, gamma) -> bool:
+    def _pre_round(self, target, draft, lp, stats, rules, generator, streamer, gamma) -> bool:
         """The draft drafts γ tokens while the target's 1-token forward over ``[last]`` checks ``D_1``.
 
         Rows in ``lp.carried`` check their kept speculation's first token instead (the chain's slots for them become
@@ -513,13 +517,13 @@ class ParallelSchedule:
         with self.timer.target():
             t_logits = dec._target_chain(target, lp, lp.last.new_empty(B, 0))  # [B, 1, V]
         with side.run(after=ev), self.timer.draft(gamma):
-            d1, p1 = dec._draft_chain(draft, view, sampling, self.gen_d, gamma=1)  # [B, 1], [B, 1, V]
+            d1, p1 = dec._draft_chain(draft, view, rules, self.gen_d, gamma=1)  # [B, 1], [B, 1, V]
             d_mark = draft.length  # D_1's slot once it is fed below
             d1_main, p1_main = side.fetch(d1), side.fetch(p1)  # the check waits for D_1 only
             rest = rest_p = None
             if gamma > 1:
-                view2 = SimpleNamespace(pend_d=d1, pend_width=1, next_pos=view.next_pos + 1, last=d1[:, 0])
-                rest, rest_p = dec._draft_chain(draft, view2, sampling, self.gen_d, gamma=gamma - 1)
+                view2 = SimpleNamespace(hist=None, pend_d=d1, pend_width=1, next_pos=view.next_pos + 1, last=d1[:, 0])
+                rest, rest_p = dec._draft_chain(draft, view2, rules, self.gen_d, gamma=gamma - 1)
         if rest is None:
             rest = d1_main.new_empty(B, 0)
             rest_p = p1_main[:, :0] if p1_main is not None else None
@@ -532,7 +536,8 @@ class ParallelSchedule:
                 p1_main = torch.where(carried[:, None, None], lp.next_probs[:, :1], p1_main)
                 rest_p = torch.where(carried[:, None, None], lp.next_probs[:, 1:], rest_p)
         # check D_1 at the one position the forward scored; the second (bonus) position is a stand-in, unused
-        acc_a, tokens = dec._verify(torch.cat([t_logits, t_logits], dim=1), d1_main, p1_main, sampling, generator)
+        acc_a, tokens = dec._verify(torch.cat([t_logits, t_logits], dim=1), d1_main, p1_main, rules, generator,
+                                    hist=lp.hist)
         tok = tokens[:, 0]
         n_new, fin = lp.commit(torch.zeros_like(acc_a), tok[:, None])
         rej = acc_a == 0
