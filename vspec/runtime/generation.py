@@ -244,8 +244,9 @@ class History:
 
 
 def chain_extra(drafts: torch.Tensor, n: int) -> torch.Tensor:
-    """Extra tokens of the positions after ``[last, d_1 .. d_{n-1}]``: position i holds ``d_1 .. d_i``. ``[B, n, n-1]``."""
-    B, g = drafts.shape
+    """Extra tokens of the positions after ``[last, d_1 .. d_{n-1}]``: position i holds ``d_1 .. d_i``.
+
+    Returns ``[B, n, n-1]``."""
     m = max(n - 1, 0)
     d = drafts[:, :m]
     low = torch.arange(m, device=drafts.device)[None, :] < torch.arange(n, device=drafts.device)[:, None]  # [n, m]

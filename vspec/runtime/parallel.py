@@ -440,8 +440,8 @@ class ParallelSchedule:
             with side.run():  # inputs first: a copy to a second device is ordered on the main stream
                 feed = side.send(drafts[:, -1] if g else lp.last)
                 # drafting past unverified tokens: their history is not known yet (hist=None)
-                view = SimpleNamespace(hist=None, pend_d=feed[:, None], pend_width=1, next_pos=side.send(lp.next_pos + g),
-                                       last=feed)
+                view = SimpleNamespace(hist=None, pend_d=feed[:, None], pend_width=1,
+                                       next_pos=side.send(lp.next_pos + g), last=feed)
         ev = side.mark()
         t_base = target.length
         with self.timer.target():
