@@ -234,11 +234,13 @@ def make_inputs(
     are ``image_size`` square (``height``/``width`` are not used there); its image inputs carry ``image_sizes``.
     Qwen inputs carry ``mm_token_type_ids`` (0 text, 1 image, 2 video) and, for video, ``second_per_grid_ts``:
     transformers needs both to compute M-RoPE positions. Float tensors are float32 on ``device`` (default: the
-    model's device).
+    model's input device, ``vspec.runtime.devices.input_device``).
     """
     config = getattr(model_or_config, "config", model_or_config)
-    if device is None:
-        device = getattr(model_or_config, "device", "cpu")
+    if device is None:  # where the model takes its inputs (not .device: a dispatched model's may be meta)
+        from .runtime.devices import input_device
+
+        device = input_device(model_or_config) if hasattr(model_or_config, "get_input_embeddings") else "cpu"
     mt = _check_family(config.model_type)
     if modality not in ("video", "image", "text"):
         raise ValueError(f"modality must be 'video', 'image' or 'text', got {modality!r}")

@@ -16,6 +16,7 @@ import torch
 from .. import ops
 from .capture import capturing
 from .config import LooseConfig
+from .devices import on_device
 
 _TRACE: list | None = None
 
@@ -121,7 +122,7 @@ class HiddenStateDetector(_Detector):
     def prefill(self, visual_idx):
         with self._hook():
             yield
-        h = self._hidden
+        h = self._hidden.to(visual_idx.device)  # a sharded target's layer may run on another device
         self._hidden = None
         ok = visual_idx >= 0
         g = torch.gather(h, 1, visual_idx.clamp_min(0)[..., None].expand(-1, -1, h.shape[-1])).float()
@@ -133,7 +134,8 @@ class HiddenStateDetector(_Detector):
 
     def strict(self, drafts):
         gamma = drafts.shape[1]
-        h = torch.nn.functional.normalize(self._hidden[:, -gamma:].float(), dim=-1)  # the draft tokens' inputs
+        h = self._hidden[:, -gamma:].to(drafts.device)  # the draft tokens' inputs (sharded: from the layer's device)
+        h = torch.nn.functional.normalize(h.float(), dim=-1)
         self._hidden = None
         cos = torch.bmm(h, self.visual.transpose(1, 2))  # [B, γ, Nv]
         cos = cos.masked_fill(~self.visual_ok[:, None, :], float("-inf"))
@@ -182,13 +184,16 @@ class AttentionDetector(_Detector):
         S = key.shape[2]
         gamma = self._gamma
         L = query.shape[2]
+        dev = query.device  # a sharded target's layer may run on another device than the runtime's tensors
+        visual_idx, valid = self.visual_idx.to(dev), self._state.valid.to(dev)
         for j in range(gamma):
             row = L - gamma + j  # query row of draft token j
             stop = S - (L - 1 - row)
-            m = ops.visual_attention_mass(query[:, :, row:row + 1], key[:, :, :stop], self.visual_idx,
-                                          attention_mask=self._state.valid[:, :stop], normalize="all",
-                                          check_indices=False)  # runtime-built indices: no host sync
-            self.mass[:, j] += m.sum(dim=1)
+            with on_device(dev):
+                m = ops.visual_attention_mass(query[:, :, row:row + 1], key[:, :, :stop], visual_idx,
+                                              attention_mask=valid[:, :stop], normalize="all",
+                                              check_indices=False)  # runtime-built indices: no host sync
+            self.mass[:, j] += m.sum(dim=1).to(self.mass.device)
         self._seen += 1
 
     @contextlib.contextmanager

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import ops
+from .devices import on_device
 
 _ARMED: contextvars.ContextVar[ScoreCapture | None] = contextvars.ContextVar("vspec_capture", default=None)
 _REGISTERED: set[str] = set()
@@ -37,23 +38,32 @@ class ScoreCapture:
     normalize: str = "visual"
     scores: torch.Tensor | None = None
     layers_seen: list[int] = field(default_factory=list)
+    # A sharded model's layers run on several devices. Per device: (visual_idx, attention_mask, partial sum), so
+    # q/k never leave their layer's device; result() adds the partial sums up on visual_idx's device.
+    _per_device: dict = field(default_factory=dict, repr=False)
 
     def record(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
         if layer_idx not in self.layers:
             return
-        if self.scores is None:
-            self.scores = torch.zeros(self.visual_idx.shape, dtype=torch.float32, device=query.device)
+        dev = query.device
+        if dev not in self._per_device:
+            self._per_device[dev] = (self.visual_idx.to(dev), self.attention_mask.to(dev),
+                                     torch.zeros(self.visual_idx.shape, dtype=torch.float32, device=dev))
+        visual_idx, attention_mask, out = self._per_device[dev]
         lq = min(self.query_rows, query.shape[2])
-        ops.visual_attention_mass(
-            query[:, :, -lq:], key, self.visual_idx, attention_mask=self.attention_mask,
-            normalize=self.normalize, out=self.scores, check_indices=False,  # built by the runtime: no sync
-        )
+        with on_device(dev):  # Triton launches on the current CUDA device
+            ops.visual_attention_mass(
+                query[:, :, -lq:], key, visual_idx, attention_mask=attention_mask,
+                normalize=self.normalize, out=out, check_indices=False,  # built by the runtime: no sync
+            )
         self.layers_seen.append(layer_idx)
 
     def result(self) -> torch.Tensor:
-        """Mean mass over the scored layers, ``[B, Nv]`` float32."""
-        if self.scores is None or not self.layers_seen:
+        """Mean mass over the scored layers, ``[B, Nv]`` float32, on ``visual_idx``'s device."""
+        if not self._per_device or not self.layers_seen:
             raise RuntimeError("no layer was scored: the target's attention did not route through vspec's capture")
+        home = self.visual_idx.device
+        self.scores = sum(out.to(home) for _, _, out in self._per_device.values())
         return self.scores / len(self.layers_seen)
 
 

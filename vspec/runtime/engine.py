@@ -28,6 +28,7 @@ from .. import ops
 from .anchors import make_detector
 from .capture import ScoreCapture, capturing
 from .config import SpecConfig
+from .devices import draft_state, input_device
 from .generation import GenerationSettings, History, LogitsRules, chain_extra, resolve_generation, tree_extra
 from .models import Prompt, get_adapter
 from .state import ModelState, padded_indices
@@ -197,7 +198,7 @@ class SpecDecoder:
             decode = par.decode
         else:
             target = ModelState(self.target, self.t_adapter)
-            draft = ModelState(self.draft, self.d_adapter)
+            draft = draft_state(self.draft, self.d_adapter, input_ids.device)  # a ModelState; bridged across devices
             first = self._prefill(prompt, target, draft, stats, rules, generator, hist=hist)
         stats.prefill_seconds = time.perf_counter() - t0
 
@@ -221,10 +222,12 @@ class SpecDecoder:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must match input_ids {tuple(input_ids.shape)}, got "
                              f"{tuple(attention_mask.shape)}")
-        # parallel decoding moves tokens between devices, so its draft may sit on a second one
-        for name, model in (("target", self.target),) + ((("draft", self.draft),) if not self.config.parallel else ()):
-            if model.device != input_ids.device:
-                raise ValueError(f"input_ids are on {input_ids.device} but the {name} is on {model.device}")
+        # The target's input device (a sharded target's is its input embeddings', not .device). The draft may sit
+        # on another device in every schedule: tokens are moved across (runtime/devices.py, runtime/parallel.py).
+        t_dev = input_device(self.target)
+        if input_ids.device != t_dev:
+            raise ValueError(f"input_ids are on {input_ids.device} but the target takes its inputs on {t_dev} (the "
+                             f"device of its input embeddings); move the inputs there")
         if model_kwargs.get("inputs_embeds") is not None:
             raise ValueError("inputs_embeds is not supported; pass input_ids and the processor's visual inputs")
         for name in ("past_key_values", "cache"):

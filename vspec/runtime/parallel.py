@@ -69,6 +69,7 @@ from types import SimpleNamespace
 
 import torch
 
+from .devices import input_device
 from .engine import _Loop
 from .models import Prompt
 from .state import ModelState
@@ -85,10 +86,11 @@ class _Side:
     this is a no-op and the steps run in program order.
     """
 
-    def __init__(self, main_device, draft_device):
+    def __init__(self, main_device, draft_device, *, streams: bool = True):
         self.main_device = torch.device(main_device)
         self.device = torch.device(draft_device)
-        self.cuda = self.device.type == "cuda" and self.main_device.type == "cuda"
+        # streams=False (the serial schedules' cross-device draft): plain copies, program order
+        self.cuda = streams and self.device.type == "cuda" and self.main_device.type == "cuda"
         self.cross = self.device != self.main_device
         self.stream = self.main = self.xfer = None
         if self.cuda:
@@ -214,6 +216,17 @@ class _DraftState(ModelState):
         return self.side.fetch(out)
 
 
+class BridgedDraftState(_DraftState):
+    """The serial schedules' draft on another device (:func:`vspec.runtime.devices.draft_state`): a
+    :class:`_DraftState` on a stream-less :class:`_Side` whose logits come back on the main device."""
+
+    def forward(self, **kw):
+        return self.side.fetch(super().forward(**kw))
+
+    def forward_tree(self, **kw):
+        return self.side.fetch(super().forward_tree(**kw))
+
+
 class _ParLoop(_Loop):
     """The serial loop's bookkeeping plus what a round hands to the next, filtered with the batch rows.
 
@@ -316,7 +329,8 @@ class ParallelSchedule:
     def __init__(self, dec, generator):
         self.dec = dec
         self.cfg = dec.config
-        self.side = _Side(dec.target.device, dec.draft.device)
+        # input_device, not .device: a dispatched target's first parameter may be offloaded (on meta)
+        self.side = _Side(input_device(dec.target), input_device(dec.draft))
         self.timer = _Timer(self.side)
         self.pre = self.cfg.parallel_mode in PRE_MODES
         self.post = self.cfg.parallel_mode in POST_MODES

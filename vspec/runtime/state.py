@@ -15,6 +15,7 @@ import inspect
 import torch
 
 from .. import ops
+from .devices import group_by_device, on_device
 from .models import ModelAdapter
 
 
@@ -142,9 +143,11 @@ class ModelState:
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only batch rows ``rows`` (finished rows stop costing work)."""
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, rows)
-            layer.values = layer.values.index_select(0, rows)
+        for device, layers in group_by_device(self.cache.layers).items():  # a sharded model's layers span devices
+            idx = rows.to(device)
+            for layer in layers:
+                layer.keys = layer.keys.index_select(0, idx)
+                layer.values = layer.values.index_select(0, idx)
         self.valid = self.valid.index_select(0, rows)
 
     def holes(self) -> int:
@@ -158,9 +161,12 @@ class ModelState:
         """
         src_idx = padded_indices(self.valid, fullest)
         k_max = src_idx.shape[1]
-        kv = torch.stack([torch.stack([layer.keys, layer.values]) for layer in self.cache.layers])
-        ops.compact_kv_(kv, src_idx, 0)
-        for i, layer in enumerate(self.cache.layers):
-            layer.keys = kv[i, 0, :, :, :k_max].clone()
-            layer.values = kv[i, 1, :, :, :k_max].clone()
+        # one launch per device the cache spans (a sharded model: its layers' devices; else one)
+        for device, layers in group_by_device(self.cache.layers).items():
+            with on_device(device):
+                kv = torch.stack([torch.stack([layer.keys, layer.values]) for layer in layers])
+                ops.compact_kv_(kv, src_idx.to(device), 0)
+            for i, layer in enumerate(layers):
+                layer.keys = kv[i, 0, :, :, :k_max].clone()
+                layer.values = kv[i, 1, :, :, :k_max].clone()
         self.valid = src_idx >= 0

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..devices import input_device
+
 
 @dataclass(frozen=True)
 class VisualSpan:
@@ -118,17 +120,24 @@ class ModelAdapter:
             stash["embeds"] = kwargs["inputs_embeds"]
             raise _Stop
 
+        # Inputs on the model's input device (the draft may sit on another device than the caller's tensors); the
+        # embeddings come back on input_ids' device (a sharded model builds them on its embeddings' device).
+        device = input_device(self.model)
+
+        def to(t):
+            return t.to(device) if isinstance(t, torch.Tensor) else t
+
         handle = self.language_model().register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False, **model_kwargs)
+            self.model(input_ids=to(input_ids), attention_mask=to(attention_mask), position_ids=to(position_ids),
+                       use_cache=False, **{k: to(v) for k, v in model_kwargs.items()})
         except _Stop:
             pass
         finally:
             handle.remove()
         if "embeds" not in stash:
             raise RuntimeError("could not capture inputs_embeds from the model's forward")
-        return stash["embeds"]
+        return stash["embeds"].to(input_ids.device)
 
 
 def runs(mask_row: torch.Tensor) -> list[tuple[int, int]]:
