@@ -69,6 +69,8 @@ def test_frame_indices():
     assert len(_frame_indices(40, 8.0, fps=2, max_frames=5, frames=None, factor=2)) == 4
     assert len(_frame_indices(40, 8.0, fps=100, max_frames=None, frames=None, factor=2)) == 40  # never > total
     assert len(_frame_indices(40, 8.0, fps=0.1, max_frames=None, frames=None, factor=2)) == 2  # at least a patch
+    assert _frame_indices(40, 8.0, fps=None, max_frames=30, frames=None, factor=2) == [
+        round(i * 39 / 29) for i in range(30)]  # fps=None: every frame, up to max_frames
     assert _frame_indices(40, 8.0, fps=None, max_frames=None, frames=7, factor=2) == [
         round(i * 39 / 6) for i in range(7)]  # --frames: exactly, as before
 

@@ -127,7 +127,7 @@ def _frame_indices(total: int, video_fps: float, *, fps: float | None, max_frame
     """Indices of the frames to keep from a video of ``total`` frames at ``video_fps``.
 
     ``frames``: exactly that many, spread uniformly. Otherwise ``fps`` frames per second of video (Qwen's own
-    utilities sample 2), at most ``max_frames`` and ``total``, rounded down to a multiple of ``factor`` (the model's
+    utilities sample 2; ``None``: every frame), at most ``max_frames`` and ``total``, rounded down to a multiple of ``factor`` (the model's
     temporal patch size) but at least ``min(factor, total)``. Spread uniformly: ``linspace(0, total - 1, n)``.
     """
     import math
@@ -137,7 +137,7 @@ def _frame_indices(total: int, video_fps: float, *, fps: float | None, max_frame
     if frames is not None:
         n = frames
     else:
-        n = total / video_fps * fps
+        n = total / video_fps * fps if fps is not None else total
         n = min(n, total, max_frames if max_frames is not None else total)
         n = max(min(factor, total), math.floor(n / factor) * factor)
     return torch.linspace(0, total - 1, int(n)).round().long().tolist()

@@ -72,3 +72,10 @@ def test_text_only_is_the_same_with_or_without_types(pairs, family):
 def test_warning_says_what_to_pass():
     assert "mm_token_type_ids" in MISSING_TYPES_WARNING and "0 text, 1 image placeholder, 2 video" in MISSING_TYPES_WARNING
     assert "return_mm_token_type_ids" in MISSING_TYPES_WARNING
+
+
+def test_qwen_processors_return_the_types_by_default():
+    """What the warning tells users: the Qwen processors add mm_token_type_ids unless told not to."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
+
+    assert Qwen2_5_VLProcessor.return_mm_token_type_ids is True and Qwen2VLProcessor.return_mm_token_type_ids is True
