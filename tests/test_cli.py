@@ -95,6 +95,7 @@ def test_generate_streams_text_and_stats(saved_pair):
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
     assert lines[-1].startswith("[") and "MAL" in lines[-1] and "visual tokens kept 6/64" in lines[-1]
+    assert "video: 8 of 10 frames (fixed by the model), 112x112 px]" in lines[-1]
     # the streamed text is what target.generate says for the same inputs (strict verification is lossless)
     from vspec.cli import _read_video
     from vspec.demo.models import make_inputs
@@ -120,3 +121,24 @@ def test_generate_fails_clearly_on_bad_paths(saved_pair, tmp_path):
     res = _run("generate", "--target", str(root / "target"), "--draft", str(root / "draft"), "--video", str(bad),
                "--prompt", "p")
     assert res.returncode != 0 and "cannot decode" in res.stderr
+
+
+def test_generate_sampling_options_do_not_apply_to_a_word_tokenizer_model(saved_pair, capsys):
+    root, _ = saved_pair
+    rc = main(["generate", "--target", str(root / "target"), "--draft", str(root / "draft"), "--video",
+               str(root / "clip.mp4"), "--prompt", "describe the video :", "--max-new-tokens", "2", "--device", "cpu",
+               "--fps", "1", "--max-frames", "4"])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert "--fps, --max-frames ignored" in captured.err and "takes 8 frames of 112x112" in captured.err
+    assert "video: 8 of 10 frames" in captured.out.strip().splitlines()[-1]
+
+
+def test_generate_rejects_bad_sampling_options():
+    res = _run("generate", "--target", "t", "--draft", "d", "--video", "v", "--prompt", "p", "--fps", "0")
+    assert res.returncode == 2 and "--fps must be > 0" in res.stderr
+    res = _run("generate", "--target", "t", "--draft", "d", "--video", "v", "--prompt", "p", "--fps", "1",
+               "--frames", "4")
+    assert res.returncode == 2 and "--frames and --fps are alternatives" in res.stderr
+    res = _run("generate", "--target", "t", "--draft", "d", "--video", "v", "--prompt", "p", "--max-frames", "0")
+    assert res.returncode == 2 and "--max-frames must be >= 1" in res.stderr

@@ -119,26 +119,108 @@ def cmd_bench(args) -> int:
 
 
 WORD_TOKENIZER_FILE = "vspec_tokenizer.json"
+DEFAULT_FPS = 2.0  # frames sampled per second of video, as Qwen's own video utilities do
 
 
-def _read_video(path: Path, frames: int, size: int):
-    """``[frames, 3, size, size]`` float32 in [0, 1]: ``frames`` frames sampled uniformly, resized (PyAV)."""
+def _frame_indices(total: int, video_fps: float, *, fps: float | None, max_frames: int | None,
+                   frames: int | None, factor: int = 1) -> list[int]:
+    """Indices of the frames to keep from a video of ``total`` frames at ``video_fps``.
+
+    ``frames``: exactly that many, spread uniformly. Otherwise ``fps`` frames per second of video (Qwen's own
+    utilities sample 2; ``None``: every frame), at most ``max_frames`` and ``total``, rounded down to a multiple of ``factor`` (the model's
+    temporal patch size) but at least ``min(factor, total)``. Spread uniformly: ``linspace(0, total - 1, n)``.
+    """
+    import math
+
+    import torch
+
+    if frames is not None:
+        n = frames
+    else:
+        n = total / video_fps * fps if fps is not None else total
+        n = min(n, total, max_frames if max_frames is not None else total)
+        n = max(min(factor, total), math.floor(n / factor) * factor)
+    return torch.linspace(0, total - 1, int(n)).round().long().tolist()
+
+
+def _sample_video(path: Path, *, fps: float | None = 2.0, max_frames: int | None = None, frames: int | None = None,
+                  factor: int = 1):
+    """``(clip, info)``: the frames kept from ``path`` as uint8 ``[T, 3, H, W]`` (PyAV; only the kept frames are
+    converted) and what was done: ``total`` frames, ``video_fps``, ``duration`` (s), ``indices``, ``sampled_fps``
+    (kept frames per second of video). See :func:`_frame_indices` for the choice."""
+    import numpy as np
     import torch
 
     try:
         import av
     except ImportError as e:
         raise SystemExit("vspec generate: reading videos needs PyAV: pip install 'vspec[video]'") from e
+
+    def open_stream():
+        container = av.open(str(path))
+        return container, container.streams.video[0]
+
     try:
-        with av.open(str(path)) as container:
-            decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        container, stream = open_stream()
+        with container:
+            rate = stream.average_rate or stream.guessed_rate
+            expected = int(stream.frames or 0)
+        video_fps = float(rate) if rate else 24.0
+        if not expected:  # no count in the header: count the packets (no decoding)
+            container, stream = open_stream()
+            with container:
+                expected = sum(1 for packet in container.demux(stream) if packet.size)
+        kept: dict = {}
+        for _attempt in range(2):  # a second pass only when the count above was wrong
+            if not expected:
+                break
+            indices = _frame_indices(expected, video_fps, fps=fps, max_frames=max_frames, frames=frames,
+                                     factor=factor)
+            wanted, kept, n = set(indices), {}, 0
+            container, stream = open_stream()
+            with container:
+                for n, frame in enumerate(container.decode(stream), start=1):
+                    if n - 1 in wanted:
+                        kept[n - 1] = frame.to_ndarray(format="rgb24")
+            if wanted <= kept.keys():
+                break
+            expected = n
     except (av.error.FFmpegError, IndexError, ValueError) as e:
         raise SystemExit(f"vspec generate: cannot decode a video stream from {path}: {e}") from e
-    if not decoded:
+    if not expected or not kept or not set(indices) <= kept.keys():
         raise SystemExit(f"vspec generate: {path} holds no video frames")
-    idx = torch.linspace(0, len(decoded) - 1, frames).round().long().tolist()
-    x = torch.stack([torch.from_numpy(decoded[i]) for i in idx]).permute(0, 3, 1, 2).float() / 255.0
-    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+    clip = torch.from_numpy(np.stack([kept[i] for i in indices])).permute(0, 3, 1, 2).contiguous()
+    duration = expected / video_fps
+    info = dict(total=expected, video_fps=video_fps, duration=duration, indices=indices,
+                sampled_fps=len(indices) / duration)
+    return clip, info
+
+
+def _resize(clip, *, size: int | None = None, max_pixels: int | None = None):
+    """uint8 ``[T, 3, H, W]`` resized to ``size`` × ``size``, or down (aspect kept) to at most ``max_pixels`` pixels
+    a frame; unchanged when neither applies."""
+    import math
+
+    import torch
+
+    h, w = clip.shape[-2:]
+    if size is not None:
+        new = (size, size)
+    elif max_pixels is not None and h * w > max_pixels:
+        scale = math.sqrt(max_pixels / (h * w))
+        new = (max(1, math.floor(h * scale)), max(1, math.floor(w * scale)))
+    else:
+        return clip
+    x = torch.nn.functional.interpolate(clip.float(), size=new, mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def _read_video(path: Path, frames: int, size: int):
+    """``[frames, 3, size, size]`` float32 in [0, 1]: ``frames`` frames sampled uniformly, resized (PyAV)."""
+    import torch
+
+    clip, _ = _sample_video(path, frames=frames)
+    return torch.nn.functional.interpolate(clip.float() / 255.0, size=(size, size), mode="bilinear", antialias=True,
                                            align_corners=False).clamp(0, 1)
 
 
@@ -159,6 +241,48 @@ class _WordStreamer:
 
     def end(self):
         print(flush=True)
+
+
+def _processor_inputs(processor, video: Path, args):
+    """``(inputs, note)``: the frames ``args`` asks for, through the HF ``processor`` with a one-turn chat prompt.
+
+    Frames are sampled at ``--fps`` (or exactly ``--frames``), at most ``--max-frames``, in multiples of the video
+    processor's temporal patch size; ``--size`` squares them (the old behaviour), ``--max-pixels`` caps each frame's
+    area (here and in a Qwen processor's own resizing). The processor is told the sampled frame rate (Qwen2.5-VL's
+    temporal positions depend on it) and not to sample again."""
+    vp = getattr(processor, "video_processor", None)
+    factor = int(getattr(vp, "temporal_patch_size", None) or 1)
+    fps = args.fps if args.fps is not None or args.frames is not None else DEFAULT_FPS
+    clip, info = _sample_video(video, fps=fps, max_frames=args.max_frames, frames=args.frames, factor=factor)
+    clip = _resize(clip, size=args.size, max_pixels=args.max_pixels)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": args.prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    kwargs = {"do_sample_frames": False}
+    try:
+        from transformers.video_utils import VideoMetadata
+
+        kwargs["video_metadata"] = [VideoMetadata(total_num_frames=clip.shape[0], fps=info["sampled_fps"],
+                                                  height=clip.shape[2], width=clip.shape[3])]
+    except ImportError:
+        pass
+    size = dict(getattr(vp, "size", None) or {})
+    if args.max_pixels is not None and size.get("longest_edge"):  # a Qwen-style pixel budget: cap it too
+        shortest = min(int(size.get("shortest_edge") or args.max_pixels), args.max_pixels)
+        kwargs["size"] = {"longest_edge": args.max_pixels, "shortest_edge": shortest}
+    try:
+        inputs = processor(text=[text], videos=[clip], return_tensors="pt", **kwargs)
+    except ImportError as e:
+        raise SystemExit(f"vspec generate: the processor needs a missing package: {e}") from e
+    how = (f"exactly {args.frames} asked" if args.frames is not None
+           else f"{fps:g} fps" + (f", at most {args.max_frames}" if args.max_frames is not None else ""))
+    note = (f"video: {clip.shape[0]} of {info['total']} frames ({how}; {info['duration']:.2f} s at "
+            f"{info['video_fps']:g} fps), {clip.shape[3]}x{clip.shape[2]} px")
+    grid = inputs.get("video_grid_thw")
+    patch = getattr(vp, "patch_size", None)
+    if grid is not None and patch:
+        t, gh, gw = (int(v) for v in grid[0])
+        note += f", {gw * patch}x{gh * patch} px after the processor (grid {t}x{gh}x{gw})"
+    return dict(inputs), note
 
 
 def cmd_generate(args) -> int:
@@ -200,9 +324,18 @@ def cmd_generate(args) -> int:
         if cfgs["target"].model_type != "qwen2_5_vl":
             print("vspec generate: a word-tokenizer folder must hold a qwen2_5_vl model", file=sys.stderr)
             return 2
+        given = [f"--{n.replace('_', '-')}" for n in ("fps", "max_frames", "max_pixels", "frames", "size")
+                 if getattr(args, n) is not None]
+        if given:
+            print(f"vspec generate: {', '.join(given)} ignored: a {WORD_TOKENIZER_FILE} model takes {FRAMES} frames "
+                  f"of {SIZE}x{SIZE}", file=sys.stderr)
         tok = WordTokenizer.load(word_tok)
-        frames = _read_video(video, FRAMES, SIZE)
+        clip, info = _sample_video(video, frames=FRAMES)
+        frames = torch.nn.functional.interpolate(clip.float() / 255.0, size=(SIZE, SIZE), mode="bilinear",
+                                                 antialias=True, align_corners=False).clamp(0, 1)
         inputs = build_batch([frames], tok, prompt=args.prompt, device=device)[0]
+        video_note = (f"video: {len(info['indices'])} of {info['total']} frames (fixed by the model), "
+                      f"{SIZE}x{SIZE} px")
         load = Qwen2_5_VLForConditionalGeneration.from_pretrained
         streamer = _WordStreamer(tok)
     else:
@@ -210,18 +343,11 @@ def cmd_generate(args) -> int:
 
         try:
             processor = AutoProcessor.from_pretrained(args.target)
-        except (OSError, ValueError, ImportError) as e:
+        except (OSError, ValueError, ImportError, RuntimeError) as e:
             print(f"vspec generate: cannot load a processor from {args.target}: {e}", file=sys.stderr)
             return 2
-        frames = _read_video(video, args.frames, args.size)
-        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": args.prompt}]}]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        try:
-            inputs = processor(text=[text], videos=[(frames * 255).to(torch.uint8)], return_tensors="pt")
-        except ImportError as e:
-            print(f"vspec generate: the processor needs a missing package: {e}", file=sys.stderr)
-            return 2
-        inputs = {k: v.to(device) for k, v in inputs.items()}
+        inputs, video_note = _processor_inputs(processor, video, args)
+        inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
         load = AutoModelForImageTextToText.from_pretrained
         streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     target = load(args.target, dtype=dtype).to(device).eval()
@@ -238,7 +364,7 @@ def cmd_generate(args) -> int:
     print(f"[{st.emitted + 1} tokens; MAL {st.mean_accepted_length:.2f}; target calls {st.target_calls + 1} "
           f"(prefill included); draft calls {st.draft_calls}; visual tokens kept {st.kept_visual_tokens}/"
           f"{st.total_visual_tokens}; prefill {st.prefill_seconds:.2f} s, decode {st.decode_seconds:.2f} s"
-          + (f"; loosely accepted {st.loose_accepted}" if args.verify == "loose" else "") + "]")
+          + (f"; loosely accepted {st.loose_accepted}" if args.verify == "loose" else "") + f"; {video_note}]")
     return 0
 
 
@@ -275,17 +401,29 @@ def main(argv=None) -> int:
     gen.add_argument("--keep-ratio", type=float, default=0.1)
     gen.add_argument("--prune", default="semantic", choices=["semantic", "attention", "uniform", "random", "none"])
     gen.add_argument("--verify", default="strict", choices=["strict", "loose"])
-    gen.add_argument("--frames", type=int, default=16, help="frames sampled from the video (processor path)")
-    gen.add_argument("--size", type=int, default=336, help="frame side in pixels after resizing (processor path)")
+    gen.add_argument("--fps", type=float, default=None,
+                     help="frames sampled per second of video (processor path; default 2, as Qwen's utilities)")
+    gen.add_argument("--max-frames", type=int, default=None, help="at most this many frames (processor path)")
+    gen.add_argument("--max-pixels", type=int, default=None,
+                     help="at most this many pixels a frame, aspect kept (processor path; default: the processor's)")
+    gen.add_argument("--frames", type=int, default=None,
+                     help="exactly this many frames, spread uniformly, instead of --fps (processor path)")
+    gen.add_argument("--size", type=int, default=None,
+                     help="resize frames to SIZE x SIZE before the processor (processor path; default: keep aspect)")
     gen.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.set_defaults(fn=cmd_generate)
     args = parser.parse_args(argv)
-    for name in ("clips", "max_new_tokens", "draft_len", "repeats", "batch_size", "frames", "size", "threads"):
+    for name in ("clips", "max_new_tokens", "draft_len", "repeats", "batch_size", "frames", "size", "threads",
+                 "max_frames", "max_pixels"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if getattr(args, "keep_ratio", 0.5) is not None and not 0 < getattr(args, "keep_ratio", 0.5) <= 1:
         parser.error("--keep-ratio must be in (0, 1]")
+    if getattr(args, "fps", None) is not None and not args.fps > 0:
+        parser.error("--fps must be > 0")
+    if getattr(args, "frames", None) is not None and getattr(args, "fps", None) is not None:
+        parser.error("--frames and --fps are alternatives: pass one")
     return args.fn(args)
 
 

@@ -11,6 +11,10 @@ the vocabulary and every special-token id, as a real speculative pair must.
 
 Token ids (all families): ``PAD=0, BOS=1, EOS=2, VISION_START=3, VISION_END=4, IMAGE=5, VIDEO=6``; ordinary text
 tokens are ``FIRST_TEXT_ID .. vocab_size-1``.
+
+For the processor path, :func:`tiny_qwen_processor` builds a transformers Qwen2-VL / Qwen2.5-VL processor whose
+tokenizer spells those ids as Qwen's special tokens (:data:`QWEN_SPECIAL_TOKENS`), and :func:`write_video` writes a
+small H.264 mp4 with PyAV.
 """
 
 from __future__ import annotations
@@ -40,6 +44,11 @@ __all__ = [
     "chi_square_test",
     "repeat_rows",
     "target_sequence_probs",
+    "QWEN_SPECIAL_TOKENS",
+    "tiny_qwen_tokenizer",
+    "tiny_qwen_processor",
+    "video_processor_available",
+    "write_video",
 ]
 
 PAD_ID, BOS_ID, EOS_ID, VISION_START_ID, VISION_END_ID, IMAGE_ID, VIDEO_ID = range(7)
@@ -386,3 +395,147 @@ def target_sequence_probs(model, inputs: dict, n_tokens: int, *, temperature: fl
                 nxt[prefix + (t,)] = p * float(probs[t])
         joint = nxt
     return joint
+
+
+# ---- the processor path ------------------------------------------------------------------------------------
+
+#: The tiny models' special ids as Qwen's tokens. EOS is ``<|im_end|>``, the token a Qwen chat turn ends with.
+QWEN_SPECIAL_TOKENS = {
+    "<|endoftext|>": PAD_ID,
+    "<|bos|>": BOS_ID,
+    "<|im_end|>": EOS_ID,
+    "<|vision_start|>": VISION_START_ID,
+    "<|vision_end|>": VISION_END_ID,
+    "<|image_pad|>": IMAGE_ID,
+    "<|video_pad|>": VIDEO_ID,
+    "<|im_start|>": 7,
+}
+
+# A chat template that renders like Qwen2-VL's: one <|im_start|>role ... <|im_end|> block per message, each video or
+# image as <|vision_start|><|video_pad|><|vision_end|> (the processor expands the pad to the video's token count).
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_WORDS = (
+    "<unk> user assistant system describe the video image what happens in a an this clip frame red green blue "
+    "square circle moves left right up down stays still one two three four is are and of to it at on"
+).split()
+
+
+def tiny_qwen_tokenizer(vocab_size: int = 1000):
+    """A word-level ``PreTrainedTokenizerFast`` with one token per id of a tiny Qwen model's vocabulary.
+
+    Ids ``0..7`` are :data:`QWEN_SPECIAL_TOKENS`; then ``<unk>`` (id 8), a few English words, and ``w<id>`` for the
+    rest, so every id the model can emit decodes to a word. Left padding, and a Qwen-style chat template.
+    """
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = dict(QWEN_SPECIAL_TOKENS)
+    for word in _WORDS:
+        vocab.setdefault(word, len(vocab))
+    for i in range(len(vocab), vocab_size):
+        vocab[f"w{i}"] = i
+    if len(vocab) != vocab_size:
+        raise ValueError(f"vocab_size must be at least {len(vocab)}, got {vocab_size}")
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        padding_side="left",
+        chat_template=_CHAT_TEMPLATE,
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
+    )
+
+
+def video_processor_available() -> bool:
+    """Whether transformers' Qwen2-VL video processor can be built here (it needs a torchvision that imports: the
+    CUDA-built torchvision wheels do not import next to a CPU-only torch)."""
+    try:
+        from transformers import Qwen2VLVideoProcessor
+
+        Qwen2VLVideoProcessor()
+    except Exception:  # ImportError without torchvision; RuntimeError from a torchvision built for another torch
+        return False
+    return True
+
+
+def tiny_qwen_processor(model_or_config, *, min_pixels: int = 56 * 56, max_pixels: int = 112 * 112):
+    """transformers' own Qwen2.5-VL / Qwen2-VL processor for a tiny Qwen model (see :func:`tiny_config`).
+
+    The tokenizer is :func:`tiny_qwen_tokenizer` (its ids are the model's ``image_token_id``, ``video_token_id``,
+    ``vision_start_token_id`` …); the image and video processors are ``Qwen2VLImageProcessor`` and
+    ``Qwen2VLVideoProcessor`` sized like the model's vision tower (patch size, merge size, temporal patch size), with
+    frames resized to between ``min_pixels`` and ``max_pixels`` pixels. It saves and loads with ``save_pretrained`` /
+    ``AutoProcessor.from_pretrained`` like a real checkpoint's. Raises ``ImportError`` where transformers' video
+    processor cannot be built (it needs a working torchvision: :func:`video_processor_available`).
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    mt = config.model_type
+    if mt not in ("qwen2_5_vl", "qwen2_vl"):
+        raise ValueError(f"tiny_qwen_processor builds Qwen2-VL / Qwen2.5-VL processors, not {mt!r}")
+    if not video_processor_available():
+        raise ImportError("transformers' Qwen2VLVideoProcessor needs torchvision, and no working torchvision is "
+                          "installed (install the torchvision release built for your torch)")
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    tok = tiny_qwen_tokenizer(config.get_text_config().vocab_size)
+    for name, tid in (("image_token", config.image_token_id), ("video_token", config.video_token_id),
+                      ("vision_start_token", config.vision_start_token_id),
+                      ("vision_end_token", config.vision_end_token_id)):
+        if tok.convert_tokens_to_ids(getattr(tok, name)) != tid:
+            raise ValueError(f"the tiny tokenizer's {name} is not the model's id {tid}: build the model with "
+                             "vspec.testing.tiny_config's token ids")
+    vc = config.vision_config
+    sizes = dict(patch_size=vc.patch_size, merge_size=vc.spatial_merge_size, temporal_patch_size=vc.temporal_patch_size,
+                 size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+    cls = Qwen2_5_VLProcessor if mt == "qwen2_5_vl" else Qwen2VLProcessor
+    return cls(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tok,
+               video_processor=Qwen2VLVideoProcessor(cap_pixels_per_frame=True, **sizes), chat_template=_CHAT_TEMPLATE)
+
+
+def write_video(path, frames=None, *, num_frames: int = 8, fps: int = 4, height: int = 56, width: int = 56,
+                seed: int = 0) -> None:
+    """Write an H.264 (yuv420p) mp4 with PyAV.
+
+    ``frames``: uint8 ``[T, H, W, 3]`` (numpy or torch), or ``None`` for a clip of ``num_frames`` frames of
+    ``height`` × ``width`` (even sizes: yuv420p) at ``fps`` frames per second with a coloured square moving over
+    a noisy background. Every written frame decodes back (``av.open(path).decode(video=0)``).
+    """
+    import av
+    import numpy as np
+
+    if frames is None:
+        rng = np.random.default_rng(seed)
+        frames = rng.integers(60, 100, size=(num_frames, height, width, 3), dtype=np.uint8)
+        side = max(2, min(height, width) // 4)
+        for t in range(num_frames):
+            y = (t * 3) % (height - side)
+            x = (t * 5) % (width - side)
+            frames[t, y:y + side, x:x + side] = (230, 40, 40)
+    frames = np.asarray(frames, dtype=np.uint8)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3], got shape {tuple(frames.shape)}")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames.shape[1], frames.shape[2]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18", "preset": "ultrafast"}
+        for img in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)

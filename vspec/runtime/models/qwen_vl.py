@@ -2,28 +2,34 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .base import ModelAdapter, VisualSpan, runs
+
+
+MISSING_TYPES_WARNING = (
+    "Qwen-VL inputs with image/video grids but no `mm_token_type_ids`: transformers' generate then gives every token "
+    "1-D text positions instead of M-RoPE, and vspec does the same so that its output stays identical to generate's. "
+    "For the model's M-RoPE positions pass `mm_token_type_ids` ([B, L]: 0 text, 1 image placeholder, 2 video "
+    "placeholder): the Qwen2-VL / Qwen2.5-VL processors return it by default (processor(...) and "
+    "apply_chat_template(..., tokenize=True, return_dict=True)); do not drop it or set return_mm_token_type_ids=False."
+)
 
 
 class QwenVLAdapter(ModelAdapter):
     family = "qwen_vl"
     position_rows = 3
 
-    def complete_kwargs(self, input_ids, attention_mask, model_kwargs) -> dict:
-        kwargs = dict(model_kwargs)
-        if kwargs.get("mm_token_type_ids") is None:
-            # Without it transformers silently falls back to 1-D positions (HF_NOTES, pitfall 1).
-            types = torch.zeros_like(input_ids)
-            types[input_ids == self.config.image_token_id] = 1
-            types[input_ids == self.config.video_token_id] = 2
-            kwargs["mm_token_type_ids"] = types
-        return kwargs
-
     def prompt_positions(self, input_ids, attention_mask, model_kwargs) -> torch.Tensor:
         has_visual = model_kwargs.get("image_grid_thw") is not None or model_kwargs.get("video_grid_thw") is not None
-        if not has_visual:
+        if has_visual and model_kwargs.get("mm_token_type_ids") is None:
+            # transformers' generate computes M-RoPE only when mm_token_type_ids is passed; without it every token
+            # (visual ones included) gets 1-D text positions, for Qwen2-VL and Qwen2.5-VL alike. Do the same, so
+            # the output stays generate's, and say so: it is rarely what the caller meant.
+            warnings.warn(MISSING_TYPES_WARNING, UserWarning, stacklevel=2)
+        if not has_visual or model_kwargs.get("mm_token_type_ids") is None:
             pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
             return pos.unsqueeze(0).expand(3, -1, -1).contiguous()
         extra = {}
