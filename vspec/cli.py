@@ -127,8 +127,9 @@ def _frame_indices(total: int, video_fps: float, *, fps: float | None, max_frame
     """Indices of the frames to keep from a video of ``total`` frames at ``video_fps``.
 
     ``frames``: exactly that many, spread uniformly. Otherwise ``fps`` frames per second of video (Qwen's own
-    utilities sample 2; ``None``: every frame), at most ``max_frames`` and ``total``, rounded down to a multiple of ``factor`` (the model's
-    temporal patch size) but at least ``min(factor, total)``. Spread uniformly: ``linspace(0, total - 1, n)``.
+    utilities sample 2; ``None``: every frame), at most ``max_frames`` and ``total``, rounded down to a multiple of
+    ``factor`` (the model's temporal patch size) but at least ``min(factor, total)``. Spread uniformly:
+    ``linspace(0, total - 1, n)``.
     """
     import math
 
@@ -338,6 +339,7 @@ def cmd_generate(args) -> int:
                       f"{SIZE}x{SIZE} px")
         load = Qwen2_5_VLForConditionalGeneration.from_pretrained
         streamer = _WordStreamer(tok)
+        pair_tokenizer = None
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer
 
@@ -350,13 +352,18 @@ def cmd_generate(args) -> int:
         inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
         load = AutoModelForImageTextToText.from_pretrained
         streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        pair_tokenizer = processor.tokenizer
+        error = _check_draft_tokenizer(args.draft, pair_tokenizer)
+        if error:
+            print(f"vspec generate: {error}", file=sys.stderr)
+            return 2
     target = load(args.target, dtype=dtype).to(device).eval()
     draft = load(args.draft, dtype=dtype).to(device).eval()
     config = SpecConfig(draft_len=args.draft_len, keep_ratio=args.keep_ratio, prune=args.prune,
                         verify=args.verify, loose=LooseConfig())
     try:
-        out = SpecDecoder(target, draft, config).generate(**inputs, max_new_tokens=args.max_new_tokens,
-                                                          do_sample=False, streamer=streamer)
+        out = SpecDecoder(target, draft, config, tokenizer=pair_tokenizer).generate(
+            **inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
     except ValueError as e:
         print(f"\nvspec generate: {e}", file=sys.stderr)
         return 2
@@ -366,6 +373,21 @@ def cmd_generate(args) -> int:
           f"{st.total_visual_tokens}; prefill {st.prefill_seconds:.2f} s, decode {st.decode_seconds:.2f} s"
           + (f"; loosely accepted {st.loose_accepted}" if args.verify == "loose" else "") + f"; {video_note}]")
     return 0
+
+
+def _check_draft_tokenizer(draft_dir, tokenizer) -> str | None:
+    """An error when the draft folder holds a tokenizer whose vocabulary differs from the target's (None when it
+    matches or the folder has none): a pair whose logit counts differ is only padding when the tokenizers agree."""
+    from transformers import AutoTokenizer
+
+    try:
+        other = AutoTokenizer.from_pretrained(draft_dir)
+    except (OSError, ValueError, ImportError):
+        return None
+    if other.get_vocab() != tokenizer.get_vocab():
+        return (f"the draft's tokenizer ({draft_dir}) differs from the target's: {len(other)} against "
+                f"{len(tokenizer)} tokens; target and draft must share one tokenizer")
+    return None
 
 
 def main(argv=None) -> int:

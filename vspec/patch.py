@@ -37,7 +37,7 @@ class VSpecHandle:
         return False
 
 
-def apply_vspec(target, draft, config: SpecConfig | None = None) -> VSpecHandle:
+def apply_vspec(target, draft, config: SpecConfig | None = None, *, tokenizer=None) -> VSpecHandle:
     """Patch ``target.generate`` (this instance only) to run :class:`SpecDecoder` with ``draft``.
 
     The patched ``generate`` takes the same inputs and generation options as :meth:`SpecDecoder.generate` (resolved
@@ -45,11 +45,12 @@ def apply_vspec(target, draft, config: SpecConfig | None = None) -> VSpecHandle:
     ``return_dict_in_generate=True``, the :class:`SpecOutput` (``.sequences``, ``.stats``). The stats of the latest
     call are also on ``handle.last_stats``. Options vspec does not apply (beam search, ``assistant_model``, custom
     logits processors, ``output_scores``, ...) raise ``ValueError`` naming them. Returns a handle; ``handle.undo()``
-    restores the original.
+    restores the original. ``tokenizer``: the pair's tokenizer or processor, optional (bounds the shared vocabulary
+    when the two models' logit counts differ by padding, see :mod:`vspec.runtime.vocab`).
     """
     if getattr(target, _MARK, None) is not None:
         raise RuntimeError("apply_vspec: this model is already patched; call handle.undo() first")
-    decoder = SpecDecoder(target, draft, config)
+    decoder = SpecDecoder(target, draft, config, tokenizer=tokenizer)
     had = "generate" in target.__dict__
     original = target.__dict__.get("generate")
     handle = VSpecHandle(target, decoder, had, original)

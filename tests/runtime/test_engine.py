@@ -164,6 +164,7 @@ def test_apply_vspec_round_trip(models):
 def test_bad_inputs_raise_clear_errors(models):
     target, close, _ = models["qwen2_5_vl"]
     other_vocab = tiny_model("qwen2_5_vl", role="draft", vocab_size=1200)
+    other_vocab.generation_config.eos_token_id = 17  # a different tokenizer, not padding (tests/runtime/test_vocab.py)
     with pytest.raises(ValueError, match="vocabulary"):
         SpecDecoder(target, other_vocab)
     with pytest.raises(ValueError, match="one family"):

@@ -33,6 +33,7 @@ from .generation import GenerationSettings, History, LogitsRules, chain_extra, r
 from .models import Prompt, get_adapter
 from .state import ModelState, padded_indices
 from .trees import TreeLevels, tree_from_choices
+from .vocab import SharedVocab
 
 
 @dataclass
@@ -117,7 +118,10 @@ class SpecDecoder:
     sampling they follow the target's distribution.
     """
 
-    def __init__(self, target, draft, config: SpecConfig | None = None):
+    def __init__(self, target, draft, config: SpecConfig | None = None, *, tokenizer=None):
+        """``tokenizer``: the pair's tokenizer or processor (optional). Target and draft may differ in their logit
+        counts when that is padding of one vocabulary (:mod:`vspec.runtime.vocab`); the tokenizer's length then
+        bounds the shared range."""
         self.target = target
         self.draft = draft
         self.config = config or SpecConfig()
@@ -126,11 +130,8 @@ class SpecDecoder:
         self._round_loose = None
         self.t_adapter = get_adapter(target)
         self.d_adapter = get_adapter(draft)
-        if self.t_adapter.vocab_size != self.d_adapter.vocab_size:
-            raise ValueError(
-                f"target and draft must share the vocabulary: target has {self.t_adapter.vocab_size} logits, draft "
-                f"{self.d_adapter.vocab_size}"
-            )
+        self.vocab = SharedVocab(target, draft, self.t_adapter.vocab_size, self.d_adapter.vocab_size,
+                                 tokenizer=getattr(tokenizer, "tokenizer", tokenizer))
         if self.t_adapter.visual_token_ids != self.d_adapter.visual_token_ids:
             raise ValueError(
                 f"target and draft must use the same visual token ids (image, video): target "
@@ -428,15 +429,16 @@ class SpecDecoder:
         w = lp.pend_width
         feed = lp.pend_d[:, -w:]
         feed_pos = (lp.next_pos - w)[:, None] + torch.arange(w, device=device)[None]
-        logits = draft.forward(input_ids=feed.clamp_min(0), positions=self.d_adapter.decode_positions(feed_pos),
-                               new_valid=feed >= 0, logits_to_keep=1)[:, -1]
+        logits = draft.forward(input_ids=self.vocab.draft_ids(feed.clamp_min(0)),
+                               positions=self.d_adapter.decode_positions(feed_pos), new_valid=feed >= 0,
+                               logits_to_keep=1)[:, -1]
         d_tokens, d_probs = [], []
         pos = lp.next_pos
         ones = torch.ones_like(lp.last, dtype=torch.bool)[:, None]
         hist = getattr(lp, "hist", None)
         for i in range(gamma):
             so_far = torch.stack(d_tokens, dim=1)[:, None] if d_tokens else None
-            x = rules.apply(logits[:, None], hist, so_far)[:, 0]
+            x = rules.apply(self.vocab.draft_logits(logits)[:, None], hist, so_far)[:, 0]
             if rules.sample:
                 probs = rules.warp(x).softmax(dim=-1)
                 tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -594,8 +596,9 @@ class SpecDecoder:
         w = lp.pend_width
         feed = lp.pend_d[:, -w:]
         feed_pos = (lp.next_pos - w)[:, None] + torch.arange(w, device=device)[None]
-        logits = draft.forward(input_ids=feed.clamp_min(0), positions=self.d_adapter.decode_positions(feed_pos),
-                               new_valid=feed >= 0, logits_to_keep=1)  # [B, 1, V]: the root's
+        logits = draft.forward(input_ids=self.vocab.draft_ids(feed.clamp_min(0)),
+                               positions=self.d_adapter.decode_positions(feed_pos), new_valid=feed >= 0,
+                               logits_to_keep=1)  # [B, 1, V]: the root's
         d_base = draft.length
         tokens = torch.empty(B, N, dtype=torch.long, device=device)
         tokens[:, 0] = lp.last
@@ -607,7 +610,7 @@ class SpecDecoder:
             lo, hi = levels.bounds[d]
             plo, phi = levels.bounds[d - 1]
             # the draft proposes under the target's rules, after the committed history plus each parent's path
-            logits = rules.apply(logits, lp.hist, tree_extra(tokens, anc[:, plo:phi]))
+            logits = rules.apply(self.vocab.draft_logits(logits), lp.hist, tree_extra(tokens, anc[:, plo:phi]))
             tok, par_local, scores = _expand_level(levels, d, logits, scores)
             par = par_local + plo
             tokens[:, lo:hi] = tok

@@ -70,7 +70,8 @@ class ModelAdapter:
         raise NotImplementedError
 
     def complete_kwargs(self, input_ids, attention_mask, model_kwargs) -> dict:
-        """Fill inputs the model needs but a caller may have left out (none so far: a missing Qwen ``mm_token_type_ids`` means 1-D positions in ``generate``, so it is not filled)."""
+        """Fill inputs the model needs but a caller may have left out (none so far: a missing Qwen
+        ``mm_token_type_ids`` means 1-D positions in ``generate``, so it is not filled)."""
         return dict(model_kwargs)
 
     def prompt(self, input_ids, attention_mask, model_kwargs) -> Prompt:

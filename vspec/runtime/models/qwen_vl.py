@@ -8,7 +8,6 @@ import torch
 
 from .base import ModelAdapter, VisualSpan, runs
 
-
 MISSING_TYPES_WARNING = (
     "Qwen-VL inputs with image/video grids but no `mm_token_type_ids`: transformers' generate then gives every token "
     "1-D text positions instead of M-RoPE, and vspec does the same so that its output stays identical to generate's. "
