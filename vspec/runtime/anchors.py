@@ -10,6 +10,7 @@ same registered attention wrapper that the prune scoring uses (:mod:`vspec.runti
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 
@@ -109,8 +110,11 @@ class HiddenStateDetector(_Detector):
 
     @contextlib.contextmanager
     def _hook(self):
+        owner = threading.get_ident()
+
         def grab(_module, _args, output):
-            self._hidden = output[0] if isinstance(output, tuple) else output
+            if threading.get_ident() == owner:  # the layer is shared: other threads' forwards fire this hook too
+                self._hidden = output[0] if isinstance(output, tuple) else output
 
         handle = self.layer.register_forward_hook(grab)
         try:

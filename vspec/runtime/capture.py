@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import sys
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,11 @@ from .devices import on_device
 
 _ARMED: contextvars.ContextVar[ScoreCapture | None] = contextvars.ContextVar("vspec_capture", default=None)
 _REGISTERED: set[str] = set()
+# Concurrent captures on one model (threads sharing a patched model): the first switches the text attention to
+# the wrapper, the last switches it back. Uncaptured forwards meanwhile run through the wrapper unarmed (their
+# thread's _ARMED is None), which delegates to the same attention function: identical outputs.
+_SWITCH_LOCK = threading.Lock()
+_SWITCHED: dict[int, list] = {}  # id(model) -> [active captures, implementation to restore]
 
 
 @dataclass
@@ -109,22 +115,30 @@ def text_attn_implementation(model) -> str:
 
 @contextlib.contextmanager
 def capturing(model, capture: ScoreCapture):
-    """Route ``model``'s text layers through the capture wrapper and arm ``capture`` for the block."""
-    base = text_attn_implementation(model)
-    restore = base
-    if base.startswith("vspec_"):
-        base = base[len("vspec_"):]
-    name = register(base)
-    if model.config.get_text_config() is model.config:
-        model.set_attn_implementation(name)
-    else:
-        model.set_attn_implementation({"text_config": name})
+    """Route ``model``'s text layers through the capture wrapper and arm ``capture`` for the block (this thread)."""
+    with _SWITCH_LOCK:
+        entry = _SWITCHED.get(id(model))
+        if entry is None:
+            restore = base = text_attn_implementation(model)
+            if base.startswith("vspec_"):
+                base = base[len("vspec_"):]
+            _set_text_attention(model, register(base))
+            entry = _SWITCHED[id(model)] = [0, restore]
+        entry[0] += 1
     token = _ARMED.set(capture)
     try:
         yield capture
     finally:
         _ARMED.reset(token)
-        if model.config.get_text_config() is model.config:
-            model.set_attn_implementation(restore)
-        else:
-            model.set_attn_implementation({"text_config": restore})
+        with _SWITCH_LOCK:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _SWITCHED[id(model)]
+                _set_text_attention(model, entry[1])
+
+
+def _set_text_attention(model, name: str) -> None:
+    if model.config.get_text_config() is model.config:
+        model.set_attn_implementation(name)
+    else:
+        model.set_attn_implementation({"text_config": name})

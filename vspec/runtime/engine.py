@@ -19,6 +19,7 @@ One host sync per round (accept lengths, finished rows and cache extents read to
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -118,6 +119,15 @@ class SpecDecoder:
     sampling they follow the target's distribution.
     """
 
+    # State of the generate call running in this thread (threads may share one decoder: apply_vspec patches a
+    # model that several threads call): loose verification's anchor detector and its counters.
+    _anchors = property(lambda self: getattr(self._calls, "anchors", None),
+                        lambda self, v: setattr(self._calls, "anchors", v))
+    _loose_accepted = property(lambda self: getattr(self._calls, "loose_accepted", None),
+                               lambda self, v: setattr(self._calls, "loose_accepted", v))
+    _round_loose = property(lambda self: getattr(self._calls, "round_loose", None),
+                            lambda self, v: setattr(self._calls, "round_loose", v))
+
     def __init__(self, target, draft, config: SpecConfig | None = None, *, tokenizer=None):
         """``tokenizer``: the pair's tokenizer or processor (optional). Target and draft may differ in their logit
         counts when that is padding of one vocabulary (:mod:`vspec.runtime.vocab`); the tokenizer's length then
@@ -125,9 +135,7 @@ class SpecDecoder:
         self.target = target
         self.draft = draft
         self.config = config or SpecConfig()
-        self._anchors = None  # loose verification's anchor detector, set for the duration of a generate call
-        self._loose_accepted = None
-        self._round_loose = None
+        self._calls = threading.local()
         self.t_adapter = get_adapter(target)
         self.d_adapter = get_adapter(draft)
         self.vocab = SharedVocab(target, draft, self.t_adapter.vocab_size, self.d_adapter.vocab_size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -117,7 +118,11 @@ class ModelAdapter:
         class _Stop(Exception):
             pass
 
+        owner = threading.get_ident()
+
         def hook(_module, _args, kwargs):
+            if threading.get_ident() != owner:  # another thread's forward on the shared model: not ours to stop
+                return None
             stash["embeds"] = kwargs["inputs_embeds"]
             raise _Stop
 
