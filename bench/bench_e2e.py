@@ -10,7 +10,7 @@ Same inputs, same process, greedy decoding: ``target.generate`` (the baseline), 
 prune methods. Reported per method: tokens/s (new tokens of all rows / median wall time of ``--repeats`` runs
 after a warm-up), speedup over generate and over assisted, MAL, whether the output equals generate's. On CPU
 (float32) a vspec row whose output differs from generate's gets no speedup (it would be a bug); on CUDA (bf16) the
-share of rows equal to generate's is reported instead (bf16 near-ties, DESIGN.md).
+share of rows equal to generate's is reported instead (bf16 near-ties, docs/design.md).
 
 Per-round time components of each vspec configuration (``component`` rows): draft step, target verify forward,
 verification op, bookkeeping (the rest of the round: masks, commit, the round's host sync, trimming,

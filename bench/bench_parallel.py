@@ -13,7 +13,7 @@ kinds and kept/discarded speculative drafts, and per round: decode wall time, an
 the target forwards' GPU time and the draft time that ran while a target forward ran (CUDA events, from
 ``SpecStats.draft_ms / verify_ms / overlap_ms``). ``identical`` = fraction of batch rows whose tokens equal the
 serial decoder's (``identical_generate``: ``target.generate``'s); a configuration that is not fully identical is
-recorded with no speedup (in bf16 on a GPU a near-tie can flip a token, DESIGN.md: the rate is the figure there).
+recorded with no speedup (in bf16 on a GPU a near-tie can flip a token, docs/design.md: the rate is the figure there).
 
 CUDA models are built from configs with random weights (nothing is downloaded): a Qwen2.5-VL-7B-shaped target
 (hidden 3584, 28 layers, 28/4 heads, vocabulary 152064, its 32-layer vision tower) and a ~1B-shaped draft of the same

@@ -12,8 +12,9 @@ score capture sees each layer's q/k on that layer's device.
 that module is offloaded. :func:`input_device` asks the input embeddings instead.
 
 A draft on another device than the target: the parallel schedule moves tokens across itself
-(:mod:`vspec.runtime.parallel`); the serial schedules get :func:`draft_state`, a draft state that takes main-side
-tensors, runs on the draft's device and hands its logits and cache extents back on the main device.
+(:mod:`vspec.runtime.parallel`); the serial schedules get :func:`vspec.runtime.parallel.draft_state`, a draft
+state that takes main-side tensors, runs on the draft's device and hands its logits and cache extents back on the
+main device.
 """
 
 from __future__ import annotations
@@ -68,20 +69,3 @@ def group_by_device(layers) -> dict[torch.device, list]:
     for layer in layers:
         groups.setdefault(layer.keys.device, []).append(layer)
     return groups
-
-
-def draft_state(model, adapter, main_device: torch.device):
-    """The draft's ``ModelState`` for the serial schedules.
-
-    Same device as the target's inputs: a plain :class:`~vspec.runtime.state.ModelState`. Another device: a state
-    that copies the tensors it is given to the draft's device and returns logits and ``extent()`` on
-    ``main_device`` (one ``[B, n, V]`` logits copy per draft forward); no streams, so the draft's work and the
-    target's do not overlap — ``SpecConfig(parallel=True)`` is the schedule for that.
-    """
-    from .parallel import BridgedDraftState, _Side  # parallel imports the engine, which imports this module
-    from .state import ModelState
-
-    device = input_device(model)
-    if device == torch.device(main_device):
-        return ModelState(model, adapter)
-    return BridgedDraftState(model, adapter, _Side(main_device, device, streams=False))

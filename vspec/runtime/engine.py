@@ -29,9 +29,11 @@ from .. import ops
 from .anchors import make_detector
 from .capture import ScoreCapture, capturing
 from .config import SpecConfig
-from .devices import draft_state, input_device
+from .devices import input_device
 from .generation import GenerationSettings, History, LogitsRules, chain_extra, resolve_generation, tree_extra
+from .loop import DecodeState
 from .models import Prompt, get_adapter
+from .parallel import ParallelSchedule, draft_state
 from .state import ModelState, padded_indices
 from .trees import TreeLevels, tree_from_choices
 from .vocab import SharedVocab
@@ -39,7 +41,7 @@ from .vocab import SharedVocab
 
 @dataclass
 class SpecStats:
-    """Figures of one ``generate`` call (DESIGN.md, Figures that matter).
+    """Figures of one ``generate`` call (docs/design.md; the README defines MAL).
 
     mean_accepted_length: tokens emitted per verification round and row (correction/bonus token included; the
     prefill's token is not a round). accept_histogram[k]: row-rounds that accepted k draft tokens.
@@ -199,8 +201,6 @@ class SpecDecoder:
         prompt = self.t_adapter.prompt(input_ids, attention_mask, model_kwargs)
         decode = self._decode
         if cfg.parallel:  # the same steps on two streams (vspec/runtime/parallel.py)
-            from .parallel import ParallelSchedule
-
             par = ParallelSchedule(self, generator)
             target, draft = par.states()
             first = par.prefill(prompt, target, draft, stats, rules, generator, hist=hist)
@@ -386,7 +386,7 @@ class SpecDecoder:
             return self._decode_tree(prompt, target, draft, first, max_new_tokens, eos_ids, pad, stats, streamer,
                                      rules=rules, hist=hist)
         gamma = self.config.draft_len
-        lp = _Loop(first, prompt.next_pos + 1, max_new_tokens, gamma, pad, eos_ids, hist=hist)
+        lp = DecodeState(first, prompt.next_pos + 1, max_new_tokens, gamma, pad, eos_ids, hist=hist)
         if not self._start_decode(prompt, lp, target, draft, first, max_new_tokens, eos_ids, streamer):
             return lp.result()
         while True:
@@ -423,7 +423,8 @@ class SpecDecoder:
                 part.select_rows(idx)
         return True
 
-    def _draft_chain(self, draft: ModelState, lp: _Loop, rules: LogitsRules, generator, *, gamma: int | None = None):
+    def _draft_chain(self, draft: ModelState, lp: DecodeState, rules: LogitsRules, generator, *,
+                     gamma: int | None = None):
         """Feed the draft the committed tokens it has not seen, then let it propose γ tokens (γ forwards).
 
         Returns ``drafts [B, γ]`` and, when sampling, the draft's warped distributions ``[B, γ, V]``.
@@ -460,7 +461,7 @@ class SpecDecoder:
                 pos = pos + 1
         return torch.stack(d_tokens, dim=1), (torch.stack(d_probs, dim=1) if d_probs else None)
 
-    def _target_chain(self, target: ModelState, lp: _Loop, drafts: torch.Tensor) -> torch.Tensor:
+    def _target_chain(self, target: ModelState, lp: DecodeState, drafts: torch.Tensor) -> torch.Tensor:
         """One target forward over ``[last, d_1 .. d_γ]``; logits ``[B, γ+1, V]``."""
         t_in = torch.cat([lp.last[:, None], drafts], dim=1)
         t_pos = (lp.next_pos - 1)[:, None] + torch.arange(t_in.shape[1], device=t_in.device)[None]
@@ -489,7 +490,7 @@ class SpecDecoder:
         return ops.verify_sampling(rules.warp(t_logits), d_probs, drafts, temperature=1.0, generator=generator,
                                    check_ids=False)
 
-    def _end_round(self, lp: _Loop, target: ModelState, draft: ModelState, acc, n_new, fin, emitted, stats,
+    def _end_round(self, lp: DecodeState, target: ModelState, draft: ModelState, acc, n_new, fin, emitted, stats,
                    streamer, *, extra: torch.Tensor | None = None) -> bool:
         """The round's ONE host sync: accept lengths, finished rows and both caches' extents.
 
@@ -565,7 +566,7 @@ class SpecDecoder:
         device = first.device
         levels = (TreeLevels.dynamic(tree.width, depth, device) if tree.choices is None
                   else TreeLevels.static(tree_from_choices(tree.choices), device))
-        lp = _Loop(first, prompt.next_pos + 1, max_new_tokens, depth, pad, eos_ids, hist=hist)
+        lp = DecodeState(first, prompt.next_pos + 1, max_new_tokens, depth, pad, eos_ids, hist=hist)
         if not self._start_decode(prompt, lp, target, draft, first, max_new_tokens, eos_ids, streamer):
             return lp.result()
         cols = torch.arange(depth + 1, device=device)[None]
@@ -591,7 +592,7 @@ class SpecDecoder:
                 break
         return lp.result()
 
-    def _draft_tree(self, draft: ModelState, lp: _Loop, levels: TreeLevels, rules: LogitsRules):
+    def _draft_tree(self, draft: ModelState, lp: DecodeState, levels: TreeLevels, rules: LogitsRules):
         """Feed the draft its pending committed tokens, then expand the tree one level per forward.
 
         Returns ``tokens [B, N]`` (node 0 = the last committed token), ``parents [B, N]`` (−1 at the root),
@@ -666,70 +667,6 @@ def _expand_level(levels: TreeLevels, d: int, logits: torch.Tensor, scores: torc
     tok = torch.cat([greedy[:, :1], toks.flatten(1).gather(1, idx)], dim=1)
     par = torch.cat([torch.zeros_like(idx[:, :1]), idx // w], dim=1)
     return tok, par, torch.cat([g_score, best], dim=1)
-
-
-class _Loop:
-    """Bookkeeping of the decode loop over the active batch rows (device tensors, no host syncs).
-
-    out: ``[B, max_new_tokens + γ + 1]`` generated tokens per ORIGINAL row (the tail is scratch for masked
-    scatters); n_out: tokens each original row has; rows: original index of each active row; next_pos: logical
-    position of the token after ``last``; last: each active row's last committed token (not yet in the target's
-    cache); pend_d: committed tokens the draft has not seen, right-aligned, −1 = none; pend_width: host-known
-    number of columns of pend_d to feed (2 only after a round in which some row accepted every draft token);
-    depth: draft tokens a round can accept at most (γ, or the tree's depth); hist: the active rows' history for the
-    logits rules (:class:`~vspec.runtime.generation.History`), committed to with the tokens.
-    """
-
-    def __init__(self, first, next_pos, max_new_tokens, gamma, pad, eos_ids, *, hist: History | None = None):
-        B = first.shape[0]
-        device = first.device
-        self.max_new_tokens = max_new_tokens
-        self.eos_ids = eos_ids
-        self.out = torch.full((B, max_new_tokens + gamma + 1), pad, dtype=torch.long, device=device)
-        self.out[:, 0] = first
-        self.n_out = torch.ones(B, dtype=torch.long, device=device)
-        self.rows = torch.arange(B, device=device)
-        self.next_pos = next_pos
-        self.last = first.clone()
-        self.pend_d = torch.stack([torch.full_like(first, -1), first], dim=1)
-        self.pend_width = 1
-        self.depth = gamma
-        self.hist = hist
-        if hist is not None:
-            hist.commit(first[:, None], torch.ones_like(first))
-
-    def commit(self, acc: torch.Tensor, emitted: torch.Tensor):
-        """Cut each row's round tokens ``emitted[:, :acc+1]`` at EOS (inclusive) and the budget, append them.
-
-        Returns ``(n_new [B], finished [B] bool)``; updates last and next_pos.
-        """
-        R = emitted.shape[1]
-        idx = torch.arange(R, device=acc.device)[None]
-        n_new = acc + 1
-        is_eos = torch.isin(emitted, self.eos_ids) & (idx < n_new[:, None])
-        first_eos = torch.where(is_eos, idx, R).amin(dim=1)
-        budget = self.max_new_tokens - self.n_out[self.rows]
-        n_new = torch.minimum(torch.minimum(n_new, first_eos + 1), budget)
-        cols = self.n_out[self.rows][:, None] + idx
-        cols = torch.where(idx < n_new[:, None], cols, self.out.shape[1] - 1)  # masked slots hit the scratch tail
-        self.out[self.rows[:, None].expand_as(cols), cols] = emitted.clamp_min(0)
-        self.n_out[self.rows] += n_new
-        fin = (first_eos < n_new) | (self.n_out[self.rows] >= self.max_new_tokens)
-        self.last = torch.gather(emitted, 1, (n_new - 1).clamp_min(0)[:, None]).squeeze(1)
-        self.next_pos = self.next_pos + n_new
-        if self.hist is not None:
-            self.hist.commit(emitted, n_new)
-        return n_new, fin
-
-    def select_rows(self, idx: torch.Tensor) -> None:
-        self.rows, self.next_pos, self.last = self.rows[idx], self.next_pos[idx], self.last[idx]
-        self.pend_d = self.pend_d[idx]
-        if self.hist is not None:
-            self.hist.select_rows(idx)
-
-    def result(self) -> torch.Tensor:
-        width = int(self.n_out.max())
-        return self.out[:, :width]
 
 
 def _semantics(embeds_row: torch.Tensor, spans, visual_idx_row: torch.Tensor):

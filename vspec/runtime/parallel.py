@@ -1,10 +1,10 @@
 """Parallel speculative decoding (HIPPO / PEARL): the draft works while the target verifies.
 
 ``SpecConfig(parallel=True)`` runs this schedule instead of the serial loop of :mod:`vspec.runtime.engine`. It
-reuses the engine's steps (``_draft_chain``, ``_target_chain``, ``_verify``, ``_end_round``, ``_Loop.commit``) and
-the hole-based caches of :mod:`vspec.runtime.state`; only the ORDER of the steps and which tokens the draft is fed
-differ, so the guarantees are the serial engine's: greedy equals ``target.generate(do_sample=False)``, sampling follows
-the target's distribution.
+reuses the engine's steps (``_draft_chain``, ``_target_chain``, ``_verify``, ``_end_round``,
+``DecodeState.commit``) and the hole-based caches of :mod:`vspec.runtime.state`; only the ORDER of the steps and
+which tokens the draft is fed differ, so the guarantees are the serial engine's: greedy equals
+``target.generate(do_sample=False)``, sampling follows the target's distribution.
 
 Round kinds (a round is one target forward, as in the serial loop; each ends in ONE host sync, ``_end_round``):
 
@@ -70,7 +70,7 @@ from types import SimpleNamespace
 import torch
 
 from .devices import input_device
-from .engine import _Loop
+from .loop import DecodeState
 from .models import Prompt
 from .state import ModelState
 
@@ -217,7 +217,7 @@ class _DraftState(ModelState):
 
 
 class BridgedDraftState(_DraftState):
-    """The serial schedules' draft on another device (:func:`vspec.runtime.devices.draft_state`): a
+    """The serial schedules' draft on another device (:func:`draft_state`): a
     :class:`_DraftState` on a stream-less :class:`_Side` whose logits come back on the main device."""
 
     def forward(self, **kw):
@@ -227,7 +227,7 @@ class BridgedDraftState(_DraftState):
         return self.side.fetch(super().forward_tree(**kw))
 
 
-class _ParLoop(_Loop):
+class _ParLoop(DecodeState):
     """The serial loop's bookkeeping plus what a round hands to the next, filtered with the batch rows.
 
     next_drafts / next_probs: drafts (and, sampling, their draft probabilities) for the next round — kept
@@ -573,3 +573,17 @@ class ParallelSchedule:
         if not lp.ready:  # early stop: nobody needs D_2..D_γ verified
             lp.next_drafts = lp.next_probs = lp.rej_a = lp.tok_a = None
         return alive
+
+
+def draft_state(model, adapter, main_device: torch.device):
+    """The draft's ``ModelState`` for the serial schedules.
+
+    Same device as the target's inputs: a plain :class:`~vspec.runtime.state.ModelState`. Another device: a state
+    that copies the tensors it is given to the draft's device and returns logits and ``extent()`` on
+    ``main_device`` (one ``[B, n, V]`` logits copy per draft forward); no streams, so the draft's work and the
+    target's do not overlap — ``SpecConfig(parallel=True)`` is the schedule for that.
+    """
+    device = input_device(model)
+    if device == torch.device(main_device):
+        return ModelState(model, adapter)
+    return BridgedDraftState(model, adapter, _Side(main_device, device, streams=False))

@@ -4,7 +4,7 @@ Pure PyTorch (never imports triton). The scores come from :func:`vspec.ops.visua
 over the chosen layers with ``out=``) and :func:`vspec.ops.frame_semantic_scores`; this module turns them
 into per-row sorted index sets. It takes plain keywords so it does not depend on ``PruneConfig``.
 
-Methods (DESIGN.md, Algorithms):
+Methods (docs/design.md and the papers: HIPPO, SpecVLM):
 
 * ``"semantic"`` (HIPPO): every signal is min-max normalised (``score_norm="frame"``: within each frame of
   each row, as HIPPO describes; ``"global"``: over each row's visual tokens, so a frame the target barely

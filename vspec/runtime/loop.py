@@ -1,0 +1,71 @@
+"""The decode loop's per-call bookkeeping over the active batch rows, shared by every schedule."""
+
+from __future__ import annotations
+
+import torch
+
+from .generation import History
+
+
+class DecodeState:
+    """Bookkeeping of the decode loop over the active batch rows (device tensors, no host syncs).
+
+    out: ``[B, max_new_tokens + γ + 1]`` generated tokens per ORIGINAL row (the tail is scratch for masked
+    scatters); n_out: tokens each original row has; rows: original index of each active row; next_pos: logical
+    position of the token after ``last``; last: each active row's last committed token (not yet in the target's
+    cache); pend_d: committed tokens the draft has not seen, right-aligned, −1 = none; pend_width: host-known
+    number of columns of pend_d to feed (2 only after a round in which some row accepted every draft token);
+    depth: draft tokens a round can accept at most (γ, or the tree's depth); hist: the active rows' history for the
+    logits rules (:class:`~vspec.runtime.generation.History`), committed to with the tokens.
+    """
+
+    def __init__(self, first, next_pos, max_new_tokens, gamma, pad, eos_ids, *, hist: History | None = None):
+        B = first.shape[0]
+        device = first.device
+        self.max_new_tokens = max_new_tokens
+        self.eos_ids = eos_ids
+        self.out = torch.full((B, max_new_tokens + gamma + 1), pad, dtype=torch.long, device=device)
+        self.out[:, 0] = first
+        self.n_out = torch.ones(B, dtype=torch.long, device=device)
+        self.rows = torch.arange(B, device=device)
+        self.next_pos = next_pos
+        self.last = first.clone()
+        self.pend_d = torch.stack([torch.full_like(first, -1), first], dim=1)
+        self.pend_width = 1
+        self.depth = gamma
+        self.hist = hist
+        if hist is not None:
+            hist.commit(first[:, None], torch.ones_like(first))
+
+    def commit(self, acc: torch.Tensor, emitted: torch.Tensor):
+        """Cut each row's round tokens ``emitted[:, :acc+1]`` at EOS (inclusive) and the budget, append them.
+
+        Returns ``(n_new [B], finished [B] bool)``; updates last and next_pos.
+        """
+        R = emitted.shape[1]
+        idx = torch.arange(R, device=acc.device)[None]
+        n_new = acc + 1
+        is_eos = torch.isin(emitted, self.eos_ids) & (idx < n_new[:, None])
+        first_eos = torch.where(is_eos, idx, R).amin(dim=1)
+        budget = self.max_new_tokens - self.n_out[self.rows]
+        n_new = torch.minimum(torch.minimum(n_new, first_eos + 1), budget)
+        cols = self.n_out[self.rows][:, None] + idx
+        cols = torch.where(idx < n_new[:, None], cols, self.out.shape[1] - 1)  # masked slots hit the scratch tail
+        self.out[self.rows[:, None].expand_as(cols), cols] = emitted.clamp_min(0)
+        self.n_out[self.rows] += n_new
+        fin = (first_eos < n_new) | (self.n_out[self.rows] >= self.max_new_tokens)
+        self.last = torch.gather(emitted, 1, (n_new - 1).clamp_min(0)[:, None]).squeeze(1)
+        self.next_pos = self.next_pos + n_new
+        if self.hist is not None:
+            self.hist.commit(emitted, n_new)
+        return n_new, fin
+
+    def select_rows(self, idx: torch.Tensor) -> None:
+        self.rows, self.next_pos, self.last = self.rows[idx], self.next_pos[idx], self.last[idx]
+        self.pend_d = self.pend_d[idx]
+        if self.hist is not None:
+            self.hist.select_rows(idx)
+
+    def result(self) -> torch.Tensor:
+        width = int(self.n_out.max())
+        return self.out[:, :width]
