@@ -76,18 +76,19 @@ def test_processor_path_cases():
             pytest.fail(f"CI=true: {why}", pytrace=False)
         pytest.skip(why)
     cmd = [sys.executable, "-m", "pytest", CASES, "-q", "-p", "no:cacheprovider", "-rfEs"]
+    shown = "python " + " ".join(cmd[1:])
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        pytest.fail(f"{' '.join(cmd[1:])} ran past {e.timeout:.0f}s with {which}:\n{out}", pytrace=False)
+        pytest.fail(f"{shown} ran past {e.timeout:.0f}s with {which}:\n{out}", pytrace=False)
     elapsed = time.perf_counter() - t0
     output = proc.stdout + proc.stderr
     lines = output.strip().splitlines()
     summary = lines[-1].strip("= ") if lines else ""
     if proc.returncode != 0 or not re.fullmatch(rf"{N_CASES} passed(, \d+ warnings?)? in .*", summary):
-        pytest.fail(f"{' '.join(cmd[1:])} with {which}: exit {proc.returncode} after {elapsed:.0f}s, want "
+        pytest.fail(f"{shown} with {which}: exit {proc.returncode} after {elapsed:.0f}s, want "
                     f"'{N_CASES} passed' and nothing else, got {summary!r}:\n{output}", pytrace=False)
     print(f"{CASES}: {summary} (with {which}; {elapsed:.0f}s with start-up)")
 
