@@ -2,33 +2,35 @@
 ``target.generate(do_sample=False)`` token for token; and ``vspec generate``'s frame sampling.
 
 transformers' ``Qwen2VLVideoProcessor`` needs torchvision. PyPI's torchvision wheels are CUDA builds that do not
-import next to the CPU-only torch the README installs, so the processor tests skip where no working torchvision is
-installed (``vspec.testing.video_processor_available``); the sampling and tokenizer tests run everywhere.
+import next to the CPU-only torch the README installs (and a torchvision that fails to import breaks transformers'
+Qwen imports too). So the processor cases live in ``tests/processor_path_cases.py`` and
+:func:`test_processor_path_cases` runs them in a subprocess with the private torchvision that
+``.ci/install-torchvision`` puts in ``.ci/.torchvision`` (``.ci/run`` does), made importable by
+``tests/_torchvision_cpu/sitecustomize.py``; this process never imports it. Without that folder the cases run with an
+installed torchvision that works, or skip naming the command, except under ``CI=true``, where they fail. The
+sampling and tokenizer tests here run everywhere.
 """
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import av
 import pytest
 import torch
 
-from vspec import SpecConfig, SpecDecoder, apply_vspec
-from vspec.cli import _frame_indices, _sample_video, main
-from vspec.testing import (
-    QWEN_SPECIAL_TOKENS,
-    tiny_pair,
-    tiny_qwen_processor,
-    tiny_qwen_tokenizer,
-    video_processor_available,
-    write_video,
-)
+from vspec.cli import _frame_indices, _sample_video
+from vspec.testing import QWEN_SPECIAL_TOKENS, tiny_qwen_tokenizer, write_video
 
-needs_video_processor = pytest.mark.skipif(
-    not video_processor_available(),
-    reason="transformers' Qwen2VLVideoProcessor needs a working torchvision (PyPI's wheels are CUDA builds that do "
-           "not import next to torch+cpu)")
-
-FAMILIES = ["qwen2_5_vl", "qwen2_vl"]
-PROMPTS = ["describe the video", "what happens in this clip", "the square moves"]
-N_NEW = 10
+ROOT = Path(__file__).resolve().parent.parent
+CASES = "tests/processor_path_cases.py"
+N_CASES = 11  # processor inputs: 2 families x (b1, b3); apply_chat_template: 2 families; vspec generate: 4 + max-pixels
+PRIVATE_TORCHVISION = ROOT / ".ci" / ".torchvision"
+SHIM = ROOT / "tests" / "_torchvision_cpu"
+PREPARE = ".ci/install-torchvision"
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,54 @@ def clips(tmp_path_factory):
         write_video(path, num_frames=n, fps=fps, seed=i)
         out.append((path, n, fps))
     return out
+
+
+# ---- the processor cases, in a subprocess ------------------------------------------------------------------
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _cases_env():
+    """(environment for the cases' subprocess, which torchvision it gets), or (None, None) when there is none."""
+    env = dict(os.environ)
+    if (PRIVATE_TORCHVISION / "torchvision").is_dir():
+        env["PYTHONPATH"] = os.pathsep.join([str(SHIM), str(PRIVATE_TORCHVISION)] + (
+            [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        return env, f"the private torchvision in {PRIVATE_TORCHVISION.relative_to(ROOT)}"
+    # No private copy: an installed torchvision that works will do (probed in a subprocess, as the cases run).
+    probe = subprocess.run([sys.executable, "-c", "import sys; from vspec.testing import video_processor_available; "
+                            "sys.exit(0 if video_processor_available() else 1)"],
+                           cwd=ROOT, env=env, capture_output=True, timeout=600)
+    return (env, "the installed torchvision") if probe.returncode == 0 else (None, None)
+
+
+def test_processor_path_cases():
+    """tests/processor_path_cases.py: all of its cases pass, none skipped, in a subprocess."""
+    env, which = _cases_env()
+    if env is None:
+        why = (f"the processor-path cases ({CASES}) need torchvision for transformers' Qwen2VLVideoProcessor, and "
+               f"no working one is installed: run {PREPARE} (a CPU-importable copy into .ci/.torchvision)")
+        if _in_ci():
+            pytest.fail(f"CI=true: {why}", pytrace=False)
+        pytest.skip(why)
+    cmd = [sys.executable, "-m", "pytest", CASES, "-q", "-p", "no:cacheprovider", "-rfEs"]
+    shown = "python " + " ".join(cmd[1:])
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        pytest.fail(f"{shown} ran past {e.timeout:.0f}s with {which}:\n{out}", pytrace=False)
+    elapsed = time.perf_counter() - t0
+    output = proc.stdout + proc.stderr
+    lines = output.strip().splitlines()
+    summary = lines[-1].strip("= ") if lines else ""
+    if proc.returncode != 0 or not re.fullmatch(rf"{N_CASES} passed(, \d+ warnings?)? in .*", summary):
+        pytest.fail(f"{shown} with {which}: exit {proc.returncode} after {elapsed:.0f}s, want "
+                    f"'{N_CASES} passed' and nothing else, got {summary!r}:\n{output}", pytrace=False)
+    print(f"{CASES}: {summary} (with {which}; {elapsed:.0f}s with start-up)")
 
 
 # ---- runs everywhere ---------------------------------------------------------------------------------------
@@ -103,119 +153,3 @@ def test_tiny_qwen_tokenizer_speaks_the_tiny_ids():
     assert tok.decode([500, 8]).split() == ["w500", "<unk>"]
 
 
-# ---- needs transformers' video processor -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def setups():
-    out = {}
-    for fam in FAMILIES:
-        target, draft = tiny_pair(fam)
-        out[fam] = (target, draft, tiny_qwen_processor(target))
-    return out
-
-
-def _processor_inputs(processor, clips, rows):
-    """What a user does: frames at 2 fps, the chat template, one processor call (the sampled frame rate goes in the
-    video metadata)."""
-    from transformers.video_utils import VideoMetadata
-
-    texts, videos, metas = [], [], []
-    for b in range(rows):
-        path = clips[b][0]
-        clip, info = _sample_video(path, fps=2, factor=2)
-        msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": PROMPTS[b]}]}]
-        texts.append(processor.apply_chat_template(msgs, add_generation_prompt=True))
-        videos.append(clip)
-        metas.append(VideoMetadata(total_num_frames=clip.shape[0], fps=info["sampled_fps"]))
-    return dict(processor(text=texts, videos=videos, video_metadata=metas, do_sample_frames=False, padding=True,
-                          return_tensors="pt"))
-
-
-@needs_video_processor
-@pytest.mark.parametrize("rows", [1, 3], ids=["b1", "b3"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_processor_inputs_are_lossless(setups, clips, family, rows):
-    target, draft, processor = setups[family]
-    inputs = _processor_inputs(processor, clips, rows)
-    assert "mm_token_type_ids" in inputs  # the processor returns it by default
-    assert torch.equal(inputs["mm_token_type_ids"] == 2, inputs["input_ids"] == target.config.video_token_id)
-    assert inputs["video_grid_thw"].tolist()[0] == [5, 4, 4]  # 10 frames of 56x56
-    if family == "qwen2_5_vl":
-        assert inputs["second_per_grid_ts"].tolist() == [1.0] * rows  # temporal patch 2 / 2 fps
-    ref = target.generate(**inputs, max_new_tokens=N_NEW, do_sample=False)
-    out = SpecDecoder(target, draft, SpecConfig(draft_len=3, keep_ratio=0.25)).generate(**inputs,
-                                                                                       max_new_tokens=N_NEW)
-    assert torch.equal(out.sequences, ref)
-    with apply_vspec(target, draft, SpecConfig(draft_len=4, prune="attention", keep_ratio=0.5)):
-        assert torch.equal(target.generate(**inputs, max_new_tokens=N_NEW, do_sample=False), ref)
-    if rows == 1:  # the processor's output without its mm_token_type_ids: generate's 1-D positions, and a warning
-        without = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
-        ref_1d = target.generate(**without, max_new_tokens=N_NEW, do_sample=False)
-        with pytest.warns(UserWarning, match="mm_token_type_ids"):
-            assert torch.equal(SpecDecoder(target, draft).generate(**without, max_new_tokens=N_NEW).sequences, ref_1d)
-
-
-@needs_video_processor
-@pytest.mark.parametrize("family", FAMILIES)
-def test_apply_chat_template_inputs_are_lossless(setups, clips, family):
-    target, draft, processor = setups[family]
-    clip, info = _sample_video(clips[2][0], fps=2, factor=2)
-    msgs = [{"role": "user", "content": [{"type": "video", "video": clip}, {"type": "text", "text": PROMPTS[0]}]}]
-    inputs = dict(processor.apply_chat_template(msgs, tokenize=True, return_dict=True, return_tensors="pt",
-                                                add_generation_prompt=True, do_sample_frames=False))
-    assert "mm_token_type_ids" in inputs
-    ref = target.generate(**inputs, max_new_tokens=N_NEW, do_sample=False)
-    out = SpecDecoder(target, draft, SpecConfig(draft_len=3, keep_ratio=0.25)).generate(**inputs,
-                                                                                       max_new_tokens=N_NEW)
-    assert torch.equal(out.sequences, ref)
-
-
-@pytest.fixture(scope="module")
-def saved(setups, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    target, draft, processor = setups["qwen2_5_vl"]
-    target.save_pretrained(root / "target")
-    processor.save_pretrained(root / "target")
-    draft.save_pretrained(root / "draft")
-    return root
-
-
-@needs_video_processor
-@pytest.mark.parametrize("options, frames", [([], 10), (["--max-frames", "6"], 6), (["--fps", "1"], 4),
-                                             (["--frames", "3"], 3)], ids=["default", "max6", "fps1", "frames3"])
-def test_cli_generate_through_the_saved_processor(setups, saved, clips, capsys, options, frames):
-    target, _, _ = setups["qwen2_5_vl"]
-    path, n, _ = clips[0]
-    rc = main(["generate", "--target", str(saved / "target"), "--draft", str(saved / "draft"), "--video", str(path),
-               "--prompt", PROMPTS[1], "--max-new-tokens", str(N_NEW), "--device", "cpu", *options])
-    out = capsys.readouterr().out.strip().splitlines()
-    assert rc == 0
-    stats = out[-1]
-    assert f"video: {frames} of {n} frames" in stats and "56x56 px" in stats, stats
-    # the streamed text is what target.generate says on the processor's inputs for the same frames
-    from transformers import AutoProcessor
-    from transformers.video_utils import VideoMetadata
-
-    processor = AutoProcessor.from_pretrained(saved / "target")
-    fps = None if "--frames" in options else float(options[1]) if "--fps" in options else 2.0
-    max_frames = int(options[1]) if "--max-frames" in options else None
-    clip, info = _sample_video(path, fps=fps, max_frames=max_frames, frames=3 if "--frames" in options else None,
-                               factor=2)
-    msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": PROMPTS[1]}]}]
-    inputs = processor(text=[processor.apply_chat_template(msgs, add_generation_prompt=True)], videos=[clip],
-                       video_metadata=[VideoMetadata(total_num_frames=clip.shape[0], fps=info["sampled_fps"])],
-                       do_sample_frames=False, return_tensors="pt")
-    ref = target.generate(**inputs, max_new_tokens=N_NEW, do_sample=False)
-    want = processor.decode(ref[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert " ".join(out[:-1]).split() == want.split()
-
-
-@needs_video_processor
-def test_cli_max_pixels_caps_the_frames(saved, clips, capsys, tmp_path):
-    big = tmp_path / "big.mp4"
-    write_video(big, num_frames=8, fps=4, height=112, width=168)
-    rc = main(["generate", "--target", str(saved / "target"), "--draft", str(saved / "draft"), "--video", str(big),
-               "--prompt", PROMPTS[0], "--max-new-tokens", "4", "--device", "cpu", "--max-pixels", str(56 * 84)])
-    stats = capsys.readouterr().out.strip().splitlines()[-1]
-    assert rc == 0 and "video: 4 of 8 frames" in stats and "84x56 px" in stats, stats
