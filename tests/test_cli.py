@@ -142,3 +142,18 @@ def test_generate_rejects_bad_sampling_options():
     assert res.returncode == 2 and "--frames and --fps are alternatives" in res.stderr
     res = _run("generate", "--target", "t", "--draft", "d", "--video", "v", "--prompt", "p", "--max-frames", "0")
     assert res.returncode == 2 and "--max-frames must be >= 1" in res.stderr
+
+
+def test_generate_checks_the_draft_folders_tokenizer(tmp_path):
+    """`vspec generate` refuses a draft folder whose tokenizer differs from the target's (a padded logit count is
+    only padding when the tokenizers agree); a folder without a tokenizer, or with the same one, passes."""
+    from vspec.cli import _check_draft_tokenizer
+    from vspec.testing import tiny_qwen_tokenizer
+
+    tok = tiny_qwen_tokenizer(1000)
+    assert _check_draft_tokenizer(tmp_path, tok) is None  # no tokenizer files there
+    tok.save_pretrained(tmp_path / "same")
+    assert _check_draft_tokenizer(tmp_path / "same", tok) is None
+    tiny_qwen_tokenizer(900).save_pretrained(tmp_path / "other")
+    err = _check_draft_tokenizer(tmp_path / "other", tok)
+    assert err is not None and "900 against 1000 tokens" in err

@@ -380,6 +380,8 @@ def _check_draft_tokenizer(draft_dir, tokenizer) -> str | None:
     matches or the folder has none): a pair whose logit counts differ is only padding when the tokenizers agree."""
     from transformers import AutoTokenizer
 
+    if not any((Path(draft_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None  # no tokenizer there (AutoTokenizer would make up a one-token one)
     try:
         other = AutoTokenizer.from_pretrained(draft_dir)
     except (OSError, ValueError, ImportError):
