@@ -1,7 +1,8 @@
 """Public fused ops of vspec: argument checks, then dispatch to Triton or to the PyTorch reference.
 
 Dispatch rule (DESIGN.md, Dispatch): the Triton kernel runs when any tensor argument is on CUDA, or when
-``TRITON_INTERPRET=1`` is set (Triton's CPU interpreter, used by the tests); otherwise the reference in
+Triton's CPU interpreter is on (``TRITON_INTERPRET=1``, or any value the installed Triton reads as true; used
+by the tests); otherwise the reference in
 :mod:`vspec.kernels.reference` runs. ``VSPEC_BACKEND=reference|triton`` forces one backend.
 
 Every op raises ``ValueError``/``TypeError`` naming the bad argument, with the shape/dtype that came.
@@ -48,7 +49,9 @@ def backend_for(*tensors: torch.Tensor | None) -> str:
         return "reference"
     if any(t is not None and t.is_cuda for t in tensors):
         return "triton"
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    from .kernels import interpreting
+
+    if interpreting():
         return "triton"
     return "reference"
 

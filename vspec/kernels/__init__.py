@@ -2,3 +2,24 @@
 
 Importing this package never imports triton; the family modules do, and only :mod:`vspec.ops` loads them.
 """
+
+from __future__ import annotations
+
+import os
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter, read the way the installed Triton reads it.
+
+    Triton >= 3.4 parses ``TRITON_INTERPRET`` through ``triton.knobs`` (``1``/``true``/``on``/``yes``, any case);
+    older releases, which have no knobs, compare the variable with ``"1"``. Without triton: False.
+    """
+    try:
+        from triton import knobs
+    except ImportError:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return bool(knobs.runtime.interpret)
