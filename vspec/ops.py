@@ -289,6 +289,8 @@ def verify_greedy(logits, draft_tokens, *, check_ids=True):
     Returns ``(accept_len Long[B], target_tokens Long[B, γ+1])``; target_tokens is the argmax (ties → lowest
     index), accept_len the length of the leading run where ``draft_tokens == target_tokens[:, :γ]``.
     ``check_ids=False`` skips the token-range check (its host sync); out-of-range ids then never match.
+    NaN logits follow ``torch.argmax``: NaN is the maximum and the first NaN wins, so a row holding NaN still
+    yields an id in ``[0, V)``.
     """
     _verify_check_float("logits", logits, "[B, γ+1, V]")
     _verify_check_drafts("draft_tokens", draft_tokens, "logits", logits)
@@ -311,6 +313,8 @@ def verify_tree_greedy(logits, tree_tokens, parents, *, check_ids=True, width=No
     width needs it anyway). ``width`` (= max depth + 1, an int) skips that check and its sync: for callers that
     build parents themselves (the runtime's tree rounds); parents must then be a valid tree of at most that
     depth on the logits' device. ``check_ids=False`` skips the token-range check (its host sync).
+    At most ``vspec.kernels.MAX_TREE_NODES`` (256) nodes, on every backend (``ValueError`` beyond).
+    NaN logits count as the maximum (``torch.argmax``: the first NaN wins), on every backend.
     """
     _verify_check_float("logits", logits, "[B, N, V]")
     B, N, V = logits.shape
@@ -319,6 +323,11 @@ def verify_tree_greedy(logits, tree_tokens, parents, *, check_ids=True, width=No
         raise ValueError(f"tree_tokens must be [B, N] = {(B, N)} to match logits {tuple(logits.shape)}, "
                          f"got {tuple(tree_tokens.shape)}")
     _check_same_device(logits=logits, tree_tokens=tree_tokens)
+    from .kernels import MAX_TREE_NODES
+
+    if N > MAX_TREE_NODES:
+        raise ValueError(f"logits holds a tree of N={N} nodes; verify_tree_greedy supports at most "
+                         f"{MAX_TREE_NODES} (vspec.kernels.MAX_TREE_NODES), got logits {tuple(logits.shape)}")
     if width is None:
         parents, width = _verify_parents(parents, B, N, logits.device)
     else:
