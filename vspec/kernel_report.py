@@ -72,7 +72,8 @@ def _v(family, kernel, label, constexprs, *, dtype="fp32", num_warps=4, hot=True
 
 
 def variants(families=("verify", "scoring", "kv")) -> list[Variant]:
-    """The variants the ops launch, per family (imports the kernel modules: needs triton)."""
+    """The variants the ops launch, per family (imports the kernel modules: needs triton). The extra family
+    ``"probe"`` is a deliberately spilling variant, the compile test's negative control."""
     out: list[Variant] = []
     if "verify" in families:
         out += _verify_variants()
@@ -80,6 +81,11 @@ def variants(families=("verify", "scoring", "kv")) -> list[Variant]:
         out += _scoring_variants()
     if "kv" in families:
         out += _kv_variants()
+    if "probe" in families:
+        # negative control of the compile test: a 16k-lane block at 4 warps must show spills
+        out.append(_v("verify", "_block_stats_kernel", "probe: BLOCK_V=16384 at 4 warps (must spill)",
+                      dict(BLOCK_V=16384, WITH_SUMEXP=True, WITH_RANK=True, WITH_TOP3=True), dtype="bf16",
+                      hot=False))
     return out
 
 
@@ -217,16 +223,19 @@ def compile_variant(v: Variant, cc: int = 90) -> dict:
     """Compile one variant for ``sm_<cc>`` (90 → sm_90a); returns its figures as a dict.
 
     Keys: family, kernel, label, hot, arch, num_warps, regs, spill_stores, spill_loads (bytes per thread),
-    shared (bytes, Triton's static allocation), error (None, or the compiler's message).
+    shared (bytes, Triton's static allocation), error (None, or the compiler's message), seconds (compile time).
     """
     import importlib
+    import time
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     row = dict(family=v.family, kernel=v.kernel, label=v.label, hot=v.hot, arch=_gpu_name(cc),
-               num_warps=v.num_warps, regs=None, spill_stores=None, spill_loads=None, shared=None, error=None)
+               num_warps=v.num_warps, regs=None, spill_stores=None, spill_loads=None, shared=None, error=None,
+               seconds=None)
+    t0 = time.perf_counter()
     fn = getattr(importlib.import_module(f"vspec.kernels.{v.family}"), v.kernel)
     try:
         sig, cons, attrs = _signature(fn, v)
@@ -250,6 +259,7 @@ def compile_variant(v: Variant, cc: int = 90) -> dict:
         return row
     row["regs"] = int(m_regs.group(1))
     row["spill_stores"], row["spill_loads"] = int(m_sp.group(1)), int(m_sp.group(2))
+    row["seconds"] = round(time.perf_counter() - t0, 2)
     return row
 
 
@@ -263,10 +273,13 @@ def report(archs=(90,), families=("verify", "scoring", "kv"), *, sm80_subset: bo
 
     archs, families = tuple(int(a) for a in archs), tuple(families)
     if interpreting():
-        env = dict(os.environ, TRITON_INTERPRET="0")
+        # the child imports this very checkout of vspec, whatever the working directory
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, TRITON_INTERPRET="0",
+                   PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
         cmd = [sys.executable, "-m", "vspec.kernel_report", "--json", "--arch", ",".join(map(str, archs)),
                "--family", ",".join(families)] + ([] if sm80_subset else ["--all-archs-full"])
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.getcwd())
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             raise RuntimeError(f"compile report child failed ({done.returncode}):\n{done.stderr[-4000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
