@@ -370,6 +370,11 @@ def verify_sampling(target_logits, draft_probs, draft_tokens, *, temperature=1.0
     kernels/reference.py: float32 probabilities, float64 running sums).
     Returns ``(accept_len Long[B], tokens Long[B, γ+1])``: ``tokens[:, :accept_len]`` the accepted draft
     tokens, ``tokens[:, accept_len]`` the drawn token, the rest −1.
+    Non-finite logits: a row whose max is not finite (it holds a NaN or a +inf, or is all −inf) is taken as a
+    point mass on its ``torch.argmax`` (NaN is the max, the first NaN wins): p is one-hot there, so a draw at
+    that row returns the argmax. Every emitted id lies in ``[0, V)``. draft_probs must not hold NaN.
+    Kernel and reference agree exactly on the CPU; on a GPU exp and division are approximate, so a decision
+    whose margin is within ~1e-5 relative (``u·q`` vs ``p``, or the draw threshold vs a CDF step) may differ.
     """
     import math
 
@@ -446,7 +451,9 @@ def verify_loose(logits, draft_tokens, strict_mask, *, return_loose=False, check
     accepted prefix, so the row is committable as is), the rest −1. Zero tolerance is ``top_k=1, shift=0``
     (any values of the others): the result then equals :func:`verify_greedy`, as it does with strict_mask all
     True; accept_len is never below verify_greedy's. ``return_loose=True`` appends a ``[B, γ]`` bool mask of
-    the positions accepted loosely.
+    the positions accepted loosely. A position whose logits have no finite max (NaN, +inf, all −inf) needs the
+    exact match (its argmax follows ``torch.argmax``: NaN is the max, first NaN wins). The entropy gate uses
+    exp/log, approximate on a GPU: a position within ~1e-5 of the gate may be decided either way there.
     """
     r = _verify_loose_rule(rule)
     _verify_check_float("logits", logits, "[B, γ+1, V]")

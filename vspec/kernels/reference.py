@@ -170,6 +170,21 @@ def sampling_uniforms(batch: int, gamma: int, *, generator=None, seed=None, devi
     return torch.rand(batch, gamma + 1, device=device, dtype=torch.float32)
 
 
+def sampling_target_probs(target_logits, temperature=1.0):
+    """``(p, point, arg)``: the target distribution of :func:`verify_sampling` and how it was formed.
+
+    p ``[..., V]`` float32 = ``softmax(logits.float() · (1/T))`` with the float32 factor 1/T; a row whose
+    max is not finite (NaN, +inf, or all −inf; ``point`` True) is one-hot on ``arg = logits.float().argmax``.
+    """
+    x = target_logits.float()
+    inv_temp = torch.tensor(1.0 / float(temperature), dtype=torch.float32, device=x.device)
+    p = torch.softmax(x * inv_temp, dim=-1)
+    point = ~torch.isfinite(x.amax(-1))  # amax propagates NaN
+    arg = x.argmax(-1)
+    p = torch.where(point[..., None], torch.nn.functional.one_hot(arg, x.shape[-1]).to(p.dtype), p)
+    return p, point, arg
+
+
 def verify_greedy(logits, draft_tokens):
     """``(accept_len [B], target_tokens [B, γ+1])``; argmax ties resolve to the lowest index."""
     target = logits.float().argmax(-1)  # torch.argmax returns the first maximal index
@@ -232,12 +247,7 @@ def verify_sampling(target_logits, draft_probs, draft_tokens, *, temperature=1.0
     dev = target_logits.device
     if uniforms is None:
         uniforms = sampling_uniforms(B, gamma, generator=generator, seed=seed, device=dev)
-    inv_temp = torch.tensor(1.0 / float(temperature), dtype=torch.float32)
-    x = target_logits.float()
-    p = torch.softmax(x * inv_temp.to(dev), dim=-1)  # [B, γ+1, V]
-    point = ~torch.isfinite(x.amax(-1))  # [B, γ+1]; amax propagates NaN
-    arg = x.argmax(-1)  # [B, γ+1]
-    p = torch.where(point[..., None], torch.nn.functional.one_hot(arg, V).to(p.dtype), p)
+    p, point, arg = sampling_target_probs(target_logits, temperature)  # [B, γ+1, V], [B, γ+1] x 2
     q = draft_probs.float()
     d = draft_tokens.long()
     rows = torch.arange(B, device=dev)

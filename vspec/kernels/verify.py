@@ -425,6 +425,8 @@ def _loose_accept_kernel(
             b_n3 = tl.maximum(tl.maximum(b_v3, b_c3),
                               tl.maximum(tl.minimum(b_v2, b_c1), tl.minimum(b_v1, b_c2)))
             b_v1, b_v2, b_v3 = b_n1, b_n2, b_n3
+        b_v2 = tl.where(m_fin, b_v2, float("-inf"))  # non-finite rows: keep NaN out (they are exact-only)
+        b_v3 = tl.where(m_fin, b_v3, float("-inf"))
         b_e2 = tl.exp(b_v2 - b_max)
         b_e3 = tl.exp(b_v3 - b_max)
         b_z = 1.0 + b_e2 + b_e3
