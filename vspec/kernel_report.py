@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Variant", "variants", "ptxas_path", "compile_variant", "report", "format_table"]
+__all__ = ["Variant", "variants", "ptxas_path", "compile_variant", "report", "format_table",
+           "print_compile_figures"]
 
 _DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -308,6 +309,28 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"{r['arch']:8s} {r['kernel']:26s} {r['label'][:52]:52s} {r['num_warps']:5d} {r['regs']:5d} "
                      f"{r['spill_stores']:6d} {r['shared']:7d}")
     return "\n".join(lines)
+
+
+def print_compile_figures(families, *, file=None) -> None:
+    """Print the compile table of ``families`` for the current GPU's architecture (sm_90 without CUDA): what the
+    benches show beside their timings. Says why and returns when triton or ptxas is missing."""
+    file = file or sys.stdout
+    cc = 90
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        cc = 10 * major + minor
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("compile figures: triton is not importable here", file=file)
+        return
+    if ptxas_path(cc) is None:
+        print(f"compile figures: no ptxas for sm_{cc} (it ships with the triton wheel)", file=file)
+        return
+    rows = report((cc,), tuple(families))
+    print(f"compile figures ({', '.join(families)}; triton.compile for {_gpu_name(cc)}, ptxas -v; regs and "
+          f"spill bytes per thread, static shared memory in bytes):", file=file)
+    print(format_table(rows), file=file, flush=True)
 
 
 def main(argv=None) -> int:
