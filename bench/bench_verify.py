@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import os
 import subprocess
 import sys
 import time

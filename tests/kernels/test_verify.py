@@ -5,7 +5,8 @@ ranks and logit differences (greedy, tree, loose without its entropy gate). Wher
 (exp, log and division are approximate there, sums reorder, FMAs fuse) the comparison tolerates a near tie and
 nothing else: sampling via ``_assert_sampling_agrees`` (a decision may differ only when the reference's own
 margin is below ``SAMPLING_EPS`` relative), the loose entropy gate via ``_assert_loose_agrees`` (a position
-within ``GATE_EPS`` of the gate may go either way). On the CPU kernel and reference still agree exactly. Every buffer the kernels allocate is poisoned
+within ``GATE_EPS`` of the gate may go either way). On the CPU kernel and reference still agree exactly.
+Every buffer the kernels allocate is poisoned
 (NaN / −7) so an element no program writes fails loudly. Under ``TRITON_INTERPRET=1`` each reduction in a
 program costs milliseconds, so batches stay small; V = 151_936 runs with one or two rows.
 """
@@ -817,7 +818,6 @@ def test_verify_loose_nan_inf(dtype, device):
     x = _special_logits(DTYPES[dtype], device)
     B, R, V = x.shape
     xf = x.float()
-    am = xf.argmax(-1)
     # the runner-up at every position: loosely acceptable on finite rows, never on non-finite ones
     d = xf.nan_to_num(nan=-1e30, posinf=-1e30).topk(2, -1).indices[:, :R - 1, 1]
     strict = torch.zeros(B, R - 1, dtype=torch.bool, device=device)

@@ -131,7 +131,8 @@ def compact_kv_(kv: torch.Tensor, src_idx: torch.Tensor, dst_start: int | torch.
 
     # Each program has one chunk (BLOCK_K x BLOCK_D) of loads in flight at a time, so bytes in flight =
     # programs x chunk: split D to double the programs of small caches (7B: L*2*B*Hkv = 224 columns) and keep
-    # ~4k elements per chunk (32 per thread at 4 warps; 8k spilled registers on sm_90, see vspec.kernel_report). Unmeasured on a GPU yet: bench/bench_kv.py sweeps it.
+    # ~4k elements per chunk (32 per thread at 4 warps; 8k spilled registers on sm_90, see vspec.kernel_report).
+    # Unmeasured on a GPU yet: bench/bench_kv.py sweeps it.
     default_k, default_d = _default_blocks(D, K)
     block_d = default_d if block_d is None else block_d
     if block_k is None:

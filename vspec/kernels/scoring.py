@@ -363,7 +363,8 @@ def _frame_scores_kernel(
             b_x = tl.load(p_x + o_n[:, None] * stride_xn + o_c[None, :] * stride_xc,
                           mask=m_n[:, None] & m_c[None, :], other=0.).to(tl.float32)  # [BLOCK_T, BLOCK_C]
             b_y = tl.load(p_x + o_p[:, :, None] * stride_xn + o_c[None, None, :] * stride_xc,
-                          mask=m_p[:, :, None] & m_c[None, None, :], other=0.).to(tl.float32)  # [BLOCK_T, BLOCK_K, BLOCK_C]
+                          mask=m_p[:, :, None] & m_c[None, None, :],
+                          other=0.).to(tl.float32)  # [BLOCK_T, BLOCK_K, BLOCK_C]
             b_ss += tl.sum(b_x * b_x, 1)
             b_dot += tl.sum(b_x[:, None, :] * b_y, 2)
             b_pp += tl.sum(b_y * b_y, 2)

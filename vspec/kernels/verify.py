@@ -9,9 +9,10 @@ vocabulary across programs:
   draft token (loose top-k) and the 2nd/3rd largest values (loose entropy gate).
 * pass B, one small program per batch row: reduces the partials of its R rows and runs the acceptance logic
   vectorised over the γ positions (chain, sampling, loose; the loose shift/window rules use ``[R, R]`` masks)
-  or over the N tree nodes (acceptance and depth by pointer jumping, ceil(log2 N) rounds of ``[N, N]``
-  one-hot gathers, then a walk up the parents for the path). Draft-token logits and probabilities are
-  gathered with single-element loads.
+  or over the N tree nodes (acceptance and depth by pointer jumping, ceil(log2 N) rounds of ``tl.gather``,
+  then a walk up the parents for the path). The partials are read in ``[rows, BLOCK_NB]`` chunks of at most
+  ``_PASS_B_TILE`` lanes. Argmax follows ``torch.argmax``, NaN included (NaN is the max, first NaN wins).
+  Draft-token logits and probabilities are gathered with single-element loads.
 * sampling only, after pass B knows which row draws (the first rejected position, or γ for the bonus):
   pass C, ``_draw_mass_kernel``, grid ``(B, cdiv(V, BLOCK_V))``, reads that one row of logits and draft
   probabilities again and writes per-block float64 masses of ``max(0, p − q)`` and of ``p``; pass D,
@@ -57,8 +58,9 @@ def _block_v(V: int, block_v: int | None) -> int:
     if block_v < 16 or block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
     if triton.cdiv(V, block_v) > MAX_BLOCKS:
+        least = triton.next_power_of_2(triton.cdiv(V, MAX_BLOCKS))
         raise ValueError(f"block_v={block_v} splits V={V} into {triton.cdiv(V, block_v)} blocks; at most "
-                         f"{MAX_BLOCKS} are allowed (use block_v >= {triton.next_power_of_2(triton.cdiv(V, MAX_BLOCKS))})")
+                         f"{MAX_BLOCKS} are allowed (use block_v >= {least})")
     return block_v
 
 
