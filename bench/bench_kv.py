@@ -20,7 +20,9 @@ GB/s counts the bytes that have to move: rows whose slot changes, read once and 
 against the device-to-device copy bandwidth measured in the same run (``copy_`` of a 1 GiB buffer).
 Results go to ``bench/results/kv.csv`` (one row per provider and case, with GPU name, versions, git SHA).
 
-Without CUDA the script says so and runs a tiny correctness smoke through Triton's CPU interpreter.
+Before any timing it prints the compile figures of the kernel variants (registers, spills, shared memory per
+thread/block, from :mod:`vspec.kernel_report`; no GPU needed). Without CUDA the script says so and runs a tiny
+correctness smoke through Triton's CPU interpreter.
 
     python bench/bench_kv.py [--shapes 7b,32b] [--scenarios prune90,tree6] [--no-sweep]
 """
@@ -262,6 +264,9 @@ def main(argv=None) -> int:
     for s in shapes:
         if s not in SHAPES:
             p.error(f"--shapes: unknown shape {s!r}; known: {sorted(SHAPES)}")
+    from vspec.kernel_report import print_compile_figures
+
+    print_compile_figures(["kv"])
     if not torch.cuda.is_available():
         print("no CUDA device: no timings; running a tiny CPU correctness smoke through Triton's interpreter")
         return 0 if run_cpu_smoke(scenarios) else 1

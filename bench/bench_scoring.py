@@ -14,6 +14,8 @@ reference first; a provider that fails is reported as FAIL with no time ratio, a
 vspec fails. Peak extra memory is ``torch.cuda.max_memory_allocated`` above the inputs. Rows are appended to
 ``bench/results/scoring.csv`` with GPU name, torch/triton/vspec versions and the git SHA.
 
+Before any timing it prints the compile figures of every scoring kernel variant (registers, spills, shared
+memory; :mod:`vspec.kernel_report`, no GPU needed) and the analytic bytes per frame_semantic_scores call.
 Without CUDA it says so and runs a tiny correctness + timing smoke of the reference only (a few seconds);
 nothing is recorded.
 
@@ -84,6 +86,37 @@ def _check(got, want, tol) -> tuple[bool, float]:
         return True, err
     except AssertionError:
         return False, err
+
+
+def frame_rows_read_before(grid, window: int) -> int:
+    """Feature rows the frame kernel loaded per batch row before issue 21 (commit 8da94f0): per token its own
+    row for the norm, then the centre and the partner again for every pair (temporal partner and each
+    in-frame neighbour)."""
+    T, H, W = grid
+    r = window // 2
+    per_frame = 0
+    for h in range(H):
+        n_h = min(H, h + r + 1) - max(0, h - r)
+        for w in range(W):
+            n_w = min(W, w + r + 1) - max(0, w - r)
+            per_frame += 1 + 2 * (n_h * n_w - 1)
+    return T * per_frame + (2 * T * H * W if T > 1 else 0)
+
+
+def print_frame_traffic(grid=FRAME_GRID, window: int = 3) -> None:
+    """Analytic bytes per frame_semantic_scores call (B = 1, bf16) for each model's C, before and now."""
+    try:
+        from vspec.kernels.scoring import frame_rows_read
+    except ImportError:
+        return
+    N = grid[0] * grid[1] * grid[2]
+    for model in MODELS.values():
+        row_bytes = model["C"] * 2
+        before, now = frame_rows_read_before(grid, window), frame_rows_read(grid, window)
+        print(f"frame_semantic_scores {model['name']} T{grid[0]} H{grid[1]} W{grid[2]} C{model['C']} bf16 "
+              f"window {window}: x is {N * row_bytes / 2**20:.0f} MiB; loads {before / N:.1f} rows/token = "
+              f"{before * row_bytes / 2**20:.0f} MiB/call before, {now / N:.1f} rows/token = "
+              f"{now * row_bytes / 2**20:.0f} MiB/call now (analytic; caches may absorb part of it)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,6 +309,10 @@ def main(argv=None) -> int:
     p.add_argument("--providers", default="vspec,eager,compile")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "scoring.csv"))
     args = p.parse_args(argv)
+    from vspec.kernel_report import print_compile_figures
+
+    print_compile_figures(["scoring"])
+    print_frame_traffic()
     if not torch.cuda.is_available():
         return run_cpu_smoke()
     return run_gpu(args)

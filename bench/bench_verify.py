@@ -12,7 +12,9 @@ compared with the card's device-to-device copy bandwidth measured by this script
 1 GiB copy). Each shape is checked for exact agreement with the reference before it is timed; a shape that
 disagrees is recorded with ``correct=False`` and no speedup.
 
-Without CUDA the script says so and runs a CPU smoke of the reference ops only (a few seconds).
+Before any timing it prints the compile figures of every verify kernel variant (registers, spills, shared
+memory; :mod:`vspec.kernel_report`, no GPU needed). Without CUDA the script says so and runs a CPU smoke of the
+reference ops only (a few seconds).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import os
 import subprocess
 import sys
 import time
@@ -209,7 +210,11 @@ def main(argv=None) -> None:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "verify.csv"))
     args = p.parse_args(argv)
-    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    from vspec.kernel_report import print_compile_figures
+    from vspec.kernels import interpreting
+
+    print_compile_figures(["verify"])
+    if not torch.cuda.is_available() or interpreting():
         run_cpu_smoke()
         return
     run_gpu(args)

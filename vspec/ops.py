@@ -1,7 +1,8 @@
 """Public fused ops of vspec: argument checks, then dispatch to Triton or to the PyTorch reference.
 
 Dispatch rule (DESIGN.md, Dispatch): the Triton kernel runs when any tensor argument is on CUDA, or when
-``TRITON_INTERPRET=1`` is set (Triton's CPU interpreter, used by the tests); otherwise the reference in
+Triton's CPU interpreter is on (``TRITON_INTERPRET=1``, or any value the installed Triton reads as true; used
+by the tests); otherwise the reference in
 :mod:`vspec.kernels.reference` runs. ``VSPEC_BACKEND=reference|triton`` forces one backend.
 
 Every op raises ``ValueError``/``TypeError`` naming the bad argument, with the shape/dtype that came.
@@ -48,7 +49,9 @@ def backend_for(*tensors: torch.Tensor | None) -> str:
         return "reference"
     if any(t is not None and t.is_cuda for t in tensors):
         return "triton"
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    from .kernels import interpreting
+
+    if interpreting():
         return "triton"
     return "reference"
 
@@ -286,6 +289,8 @@ def verify_greedy(logits, draft_tokens, *, check_ids=True):
     Returns ``(accept_len Long[B], target_tokens Long[B, γ+1])``; target_tokens is the argmax (ties → lowest
     index), accept_len the length of the leading run where ``draft_tokens == target_tokens[:, :γ]``.
     ``check_ids=False`` skips the token-range check (its host sync); out-of-range ids then never match.
+    NaN logits follow ``torch.argmax``: NaN is the maximum and the first NaN wins, so a row holding NaN still
+    yields an id in ``[0, V)``.
     """
     _verify_check_float("logits", logits, "[B, γ+1, V]")
     _verify_check_drafts("draft_tokens", draft_tokens, "logits", logits)
@@ -308,6 +313,8 @@ def verify_tree_greedy(logits, tree_tokens, parents, *, check_ids=True, width=No
     width needs it anyway). ``width`` (= max depth + 1, an int) skips that check and its sync: for callers that
     build parents themselves (the runtime's tree rounds); parents must then be a valid tree of at most that
     depth on the logits' device. ``check_ids=False`` skips the token-range check (its host sync).
+    At most ``vspec.kernels.MAX_TREE_NODES`` (256) nodes, on every backend (``ValueError`` beyond).
+    NaN logits count as the maximum (``torch.argmax``: the first NaN wins), on every backend.
     """
     _verify_check_float("logits", logits, "[B, N, V]")
     B, N, V = logits.shape
@@ -316,6 +323,11 @@ def verify_tree_greedy(logits, tree_tokens, parents, *, check_ids=True, width=No
         raise ValueError(f"tree_tokens must be [B, N] = {(B, N)} to match logits {tuple(logits.shape)}, "
                          f"got {tuple(tree_tokens.shape)}")
     _check_same_device(logits=logits, tree_tokens=tree_tokens)
+    from .kernels import MAX_TREE_NODES
+
+    if N > MAX_TREE_NODES:
+        raise ValueError(f"logits holds a tree of N={N} nodes; verify_tree_greedy supports at most "
+                         f"{MAX_TREE_NODES} (vspec.kernels.MAX_TREE_NODES), got logits {tuple(logits.shape)}")
     if width is None:
         parents, width = _verify_parents(parents, B, N, logits.device)
     else:
@@ -358,6 +370,11 @@ def verify_sampling(target_logits, draft_probs, draft_tokens, *, temperature=1.0
     kernels/reference.py: float32 probabilities, float64 running sums).
     Returns ``(accept_len Long[B], tokens Long[B, γ+1])``: ``tokens[:, :accept_len]`` the accepted draft
     tokens, ``tokens[:, accept_len]`` the drawn token, the rest −1.
+    Non-finite logits: a row whose max is not finite (it holds a NaN or a +inf, or is all −inf) is taken as a
+    point mass on its ``torch.argmax`` (NaN is the max, the first NaN wins): p is one-hot there, so a draw at
+    that row returns the argmax. Every emitted id lies in ``[0, V)``. draft_probs must not hold NaN.
+    Kernel and reference agree exactly on the CPU; on a GPU exp and division are approximate, so a decision
+    whose margin is within ~1e-5 relative (``u·q`` vs ``p``, or the draw threshold vs a CDF step) may differ.
     """
     import math
 
@@ -434,7 +451,9 @@ def verify_loose(logits, draft_tokens, strict_mask, *, return_loose=False, check
     accepted prefix, so the row is committable as is), the rest −1. Zero tolerance is ``top_k=1, shift=0``
     (any values of the others): the result then equals :func:`verify_greedy`, as it does with strict_mask all
     True; accept_len is never below verify_greedy's. ``return_loose=True`` appends a ``[B, γ]`` bool mask of
-    the positions accepted loosely.
+    the positions accepted loosely. A position whose logits have no finite max (NaN, +inf, all −inf) needs the
+    exact match (its argmax follows ``torch.argmax``: NaN is the max, first NaN wins). The entropy gate uses
+    exp/log, approximate on a GPU: a position within ~1e-5 of the gate may be decided either way there.
     """
     r = _verify_loose_rule(rule)
     _verify_check_float("logits", logits, "[B, γ+1, V]")

@@ -366,3 +366,61 @@ def test_ops_mass_rejects_bad_input(kwargs, exc, match):
 def test_ops_frame_rejects_bad_input(x, grid, window, exc, match):
     with pytest.raises(exc, match=match):
         ops.frame_semantic_scores(x, grid, window=window)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# real head sizes, and the float32 dot precision
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("D", [80, 128, 256], ids=["d80", "d128", "d256"])
+def test_kernel_mass_real_head_dims(D, dtype, device):
+    # D = 80 is not a power of two: head-dim chunks of 16 with the tail masked
+    B, Hq, Hkv, Lq, S, Nv = 2, 4, 2, 3, 40, 17
+    q, k, vidx, mask = _mass_inputs(B, Hq, Hkv, Lq, S, D, Nv, dtype, device, pad_vis=3)
+    q = q / 3  # keep softmax away from one-hot at large D so the comparison is informative
+    for normalize in ("visual", "all"):
+        got = scoring.visual_attention_mass(q, k, vidx, normalize=normalize, attention_mask=mask)
+        want = reference.visual_attention_mass(q, k, vidx, normalize=normalize, attention_mask=mask)
+        torch.testing.assert_close(got, want, **MASS_TOL[dtype])
+        assert (got[1, -3:] == 0).all()
+
+
+def _tf32(t: torch.Tensor) -> torch.Tensor:
+    """Round float32 to TF32 (10 mantissa bits, to nearest): what a plain-tf32 tensor-core dot reads."""
+    i = t.float().contiguous().view(torch.int32)
+    return ((i + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+@pytest.mark.parametrize("D", [80, 128], ids=["d80", "d128"])
+def test_kernel_mass_fp32_matches_float64(D, device):
+    """fp32 scores use tf32x3 on a GPU (``scoring.FP32_PRECISION``): hi·hi + hi·lo + lo·hi drops only lo·lo,
+    ~2^-22 of each product, below float32 rounding, so the float64 tolerance of the float32 reference holds.
+    The same tolerance rejects plain tf32 (inputs rounded to 10 mantissa bits): it is tight enough to tell."""
+    assert scoring.FP32_PRECISION == "tf32x3"
+    B, Hq, Hkv, Lq, S, Nv = 1, 4, 2, 4, 48, 20
+    q, k, vidx, mask = _mass_inputs(B, Hq, Hkv, Lq, S, D, Nv, torch.float32, device, pad_vis=0)
+    want = _direct_mass(q, k, vidx, mask=mask)
+    got = scoring.visual_attention_mass(q, k, vidx, attention_mask=mask)
+    torch.testing.assert_close(got.double().cpu(), want, **DIRECT_TOL)
+    tf32 = _direct_mass(_tf32(q), _tf32(k), vidx, mask=mask)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(tf32, want, **DIRECT_TOL)
+
+
+@pytest.mark.parametrize("window", [7, 9], ids=["w7", "w9"])
+def test_kernel_frame_large_window_chunks(window, device):
+    # 50 and 82 partner slots: several slot chunks merged (Chan), the centre read once per chunk
+    grid = (2, 5, 9)
+    x = torch.randn(1, 90, 20, device=device)
+    got = scoring.frame_semantic_scores(x, grid, window=window)
+    want = reference.frame_semantic_scores(x, grid, window=window)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **FRAME_TOL)
+
+
+def test_frame_rows_read_once_per_neighbourhood():
+    # interior token, window 3, T > 1: itself once, the temporal partner once, 8 neighbours once each
+    assert scoring.frame_rows_read((2, 3, 3), 3) == 2 * (9 + 9 + (4 * 3 + 4 * 5 + 8))
+    assert scoring.frame_rows_read((1, 1, 1), 3) == 1

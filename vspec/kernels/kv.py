@@ -90,6 +90,12 @@ def _compact_kv_kernel(
         tl.store(p_dst, b_kv, mask=m_kv)
 
 
+def _default_blocks(D: int, K: int) -> tuple[int, int]:
+    """Default ``(BLOCK_K, BLOCK_D)`` of the launcher (also enumerated by :mod:`vspec.kernel_report`)."""
+    block_d = min(triton.next_power_of_2(D), 64)
+    return max(1, min(triton.next_power_of_2(K), 4096 // block_d)), block_d
+
+
 def _lead_groups(shape: tuple[int, ...], strides: tuple[int, ...]) -> list[tuple[int, int]]:
     """Merge the leading dims into as few ``(size, stride)`` groups their strides allow (size-1 dropped)."""
     groups: list[tuple[int, int]] = []
@@ -125,11 +131,12 @@ def compact_kv_(kv: torch.Tensor, src_idx: torch.Tensor, dst_start: int | torch.
 
     # Each program has one chunk (BLOCK_K x BLOCK_D) of loads in flight at a time, so bytes in flight =
     # programs x chunk: split D to double the programs of small caches (7B: L*2*B*Hkv = 224 columns) and keep
-    # ~8k elements per chunk (64 per thread at 4 warps). Unmeasured on a GPU yet: bench/bench_kv.py sweeps it.
-    if block_d is None:
-        block_d = min(triton.next_power_of_2(D), 64)
+    # ~4k elements per chunk (32 per thread at 4 warps; 8k spilled registers on sm_90, see vspec.kernel_report).
+    # Unmeasured on a GPU yet: bench/bench_kv.py sweeps it.
+    default_k, default_d = _default_blocks(D, K)
+    block_d = default_d if block_d is None else block_d
     if block_k is None:
-        block_k = max(1, min(triton.next_power_of_2(K), 8192 // block_d))
+        block_k = max(1, min(triton.next_power_of_2(K), 4096 // block_d))
     for name, v in (("block_k", block_k), ("block_d", block_d)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"{name} must be a positive power of two, got {v}")

@@ -170,6 +170,21 @@ def sampling_uniforms(batch: int, gamma: int, *, generator=None, seed=None, devi
     return torch.rand(batch, gamma + 1, device=device, dtype=torch.float32)
 
 
+def sampling_target_probs(target_logits, temperature=1.0):
+    """``(p, point, arg)``: the target distribution of :func:`verify_sampling` and how it was formed.
+
+    p ``[..., V]`` float32 = ``softmax(logits.float() · (1/T))`` with the float32 factor 1/T; a row whose
+    max is not finite (NaN, +inf, or all −inf; ``point`` True) is one-hot on ``arg = logits.float().argmax``.
+    """
+    x = target_logits.float()
+    inv_temp = torch.tensor(1.0 / float(temperature), dtype=torch.float32, device=x.device)
+    p = torch.softmax(x * inv_temp, dim=-1)
+    point = ~torch.isfinite(x.amax(-1))  # amax propagates NaN
+    arg = x.argmax(-1)
+    p = torch.where(point[..., None], torch.nn.functional.one_hot(arg, x.shape[-1]).to(p.dtype), p)
+    return p, point, arg
+
+
 def verify_greedy(logits, draft_tokens):
     """``(accept_len [B], target_tokens [B, γ+1])``; argmax ties resolve to the lowest index."""
     target = logits.float().argmax(-1)  # torch.argmax returns the first maximal index
@@ -223,15 +238,16 @@ def verify_sampling(target_logits, draft_probs, draft_tokens, *, temperature=1.0
 
     Precision (shared with the kernel): p = softmax(logits·(1/T)) in float32; accept iff u·q < p in float32;
     the draw weights ``max(0, p − q)`` (or p) and their running sums in float64; token = the first index whose
-    running sum exceeds ``u_draw · total``.
+    running sum exceeds ``u_draw · total``. A row of logits whose max is not finite (it holds a NaN or a +inf,
+    or is all −inf) is a point mass on its ``torch.argmax`` (first NaN, else first +inf, else index 0): p is
+    one-hot there, and a draw at that row returns the argmax.
     """
     B, R, V = target_logits.shape
     gamma = R - 1
     dev = target_logits.device
     if uniforms is None:
         uniforms = sampling_uniforms(B, gamma, generator=generator, seed=seed, device=dev)
-    inv_temp = torch.tensor(1.0 / float(temperature), dtype=torch.float32)
-    p = torch.softmax(target_logits.float() * inv_temp.to(dev), dim=-1)  # [B, γ+1, V]
+    p, point, arg = sampling_target_probs(target_logits, temperature)  # [B, γ+1, V], [B, γ+1] x 2
     q = draft_probs.float()
     d = draft_tokens.long()
     rows = torch.arange(B, device=dev)
@@ -252,6 +268,7 @@ def verify_sampling(target_logits, draft_probs, draft_tokens, *, temperature=1.0
     above = cdf > thr[:, None]
     last_positive = V - 1 - (w > 0).flip(1).long().argmax(1)
     drawn = torch.where(above.any(1), above.long().argmax(1), last_positive)
+    drawn = torch.where(point[rows, accept_len], arg[rows, accept_len], drawn)
     pos = torch.arange(R, device=dev)
     tokens = torch.full((B, R), -1, dtype=torch.long, device=dev)
     if gamma > 0:
@@ -270,8 +287,8 @@ def verify_loose(logits, draft_tokens, strict_mask, *, top_k=3, min_prob_ratio=0
     gamma = R - 1
     dev = logits.device
     x = logits.float()
-    target = x.argmax(-1)  # [B, γ+1]
-    vmax = x.max(-1).values
+    target = x.argmax(-1)  # [B, γ+1]; NaN is the max (first NaN wins), like the kernels
+    vmax = x.amax(-1)  # propagates NaN
     d = draft_tokens.long()
     xs = x[:, :gamma]  # [B, γ, V]
     exact = d == target[:, :gamma]
@@ -291,7 +308,8 @@ def verify_loose(logits, draft_tokens, strict_mask, *, top_k=3, min_prob_ratio=0
             valid = (j >= 0) & (j <= gamma)
             tj = target.gather(1, j.clamp(0, gamma).expand(B, gamma))
             shifted |= valid & (d == tj)
-    loose = ~strict_mask & (ok | shifted)
+    # a position whose max is not finite (NaN, +inf, all -inf) has no usable distribution: exact match only
+    loose = ~strict_mask & (ok | shifted) & torch.isfinite(vmax[:, :gamma])
     if entropy_gate > 0:
         top = xs.topk(min(3, V), dim=-1).values
         if V < 3:

@@ -23,11 +23,11 @@ for the per-kv-head partial sums.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from . import interpreting
 
 __all__ = ["visual_attention_mass", "frame_semantic_scores"]
 
@@ -41,6 +41,28 @@ _MAX_SPLITS = 64
 
 
 @triton.jit
+def _qk(p_qr, p_kr, m_r, m_n, stride_qd, stride_kd,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``q·kᵀ`` of BLOCK_M query rows (row pointers p_qr) and BLOCK_N key rows (p_kr): ``[BLOCK_M, BLOCK_N]``
+    float32, accumulated over head-dim chunks of BLOCK_DK so that no full ``[rows, D]`` tile lives in registers
+    (D = 80 is 5 chunks of 16, not a padded 128). Masked rows and columns load zeros."""
+    b_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_DK):
+        o_d = d0 + tl.arange(0, BLOCK_DK)
+        m_d = o_d < D
+        b_q = tl.load(p_qr[:, None] + o_d[None, :] * stride_qd, mask=m_r[:, None] & m_d[None, :],
+                      other=0.)  # [BLOCK_M, BLOCK_DK]
+        b_k = tl.load(p_kr[:, None] + o_d[None, :] * stride_kd, mask=m_n[:, None] & m_d[None, :],
+                      other=0.)  # [BLOCK_N, BLOCK_DK]
+        if UPCAST:
+            b_q = b_q.to(tl.float32)
+            b_k = b_k.to(tl.float32)
+        b_s = tl.dot(b_q, tl.trans(b_k), acc=b_s, input_precision=PRECISION)
+    return b_s
+
+
+@triton.jit
 def _mass_lse_partial_kernel(
     q, k, vidx, amask, m_part, l_part,
     S, Lq, G, Hkv, n_rows, n_keys, n_splits, blocks_per_split, qk_scale,
@@ -48,7 +70,7 @@ def _mass_lse_partial_kernel(
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vn,
     stride_ab, stride_as,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
     GATHER: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_bh = tl.program_id(0).to(tl.int64)
@@ -66,13 +88,7 @@ def _mass_lse_partial_kernel(
     if HAS_MASK:
         b_rv = tl.load(amask + i_b * stride_ab + o_qpos * stride_as, mask=m_r, other=0)  # [BLOCK_M]
         m_r = m_r & (b_rv != 0)
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < D
-    p_q = q + i_b * stride_qb + (i_hk * G + o_g)[:, None] * stride_qh + o_i[:, None] * stride_ql \
-        + o_d[None, :] * stride_qd
-    b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.)  # [BLOCK_M, BLOCK_D]
-    if UPCAST:
-        b_q = b_q.to(tl.float32)
+    p_qr = q + i_b * stride_qb + (i_hk * G + o_g) * stride_qh + o_i * stride_ql  # [BLOCK_M] row pointers
 
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -90,11 +106,9 @@ def _mass_lse_partial_kernel(
         if HAS_MASK:
             b_kv = tl.load(amask + i_b * stride_ab + o_kpos * stride_as, mask=m_n, other=0)  # [BLOCK_N]
             m_n = m_n & (b_kv != 0)
-        p_k = k + i_b * stride_kb + i_hk * stride_kh + o_kpos[:, None] * stride_ks + o_d[None, :] * stride_kd
-        b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.)  # [BLOCK_N, BLOCK_D]
-        if UPCAST:
-            b_k = b_k.to(tl.float32)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        p_kr = k + i_b * stride_kb + i_hk * stride_kh + o_kpos * stride_ks  # [BLOCK_N] row pointers
+        b_s = _qk(p_qr, p_kr, m_r, m_n, stride_qd, stride_kd,
+                  D, BLOCK_M, BLOCK_N, BLOCK_DK, PRECISION, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N]
         m_s = m_r[:, None] & m_n[None, :] & (o_kpos[None, :] <= o_qpos[:, None])
         b_s = tl.where(m_s, b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
@@ -137,7 +151,7 @@ def _mass_accum_kernel(
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vn,
     stride_ab, stride_as,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_bh = tl.program_id(0).to(tl.int64)
@@ -152,12 +166,7 @@ def _mass_accum_kernel(
     if HAS_MASK:
         b_kv = tl.load(amask + i_b * stride_ab + o_kpos * stride_as, mask=m_n, other=0)  # [BLOCK_N]
         m_n = m_n & (b_kv != 0)
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < D
-    p_k = k + i_b * stride_kb + i_hk * stride_kh + o_kpos[:, None] * stride_ks + o_d[None, :] * stride_kd
-    b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.)  # [BLOCK_N, BLOCK_D]
-    if UPCAST:
-        b_k = b_k.to(tl.float32)
+    p_kr = k + i_b * stride_kb + i_hk * stride_kh + o_kpos * stride_ks  # [BLOCK_N] row pointers
 
     b_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for i_m in range(0, tl.cdiv(n_rows, BLOCK_M)):
@@ -166,13 +175,10 @@ def _mass_accum_kernel(
         o_g = o_r // Lq
         o_i = o_r % Lq
         o_qpos = S - Lq + o_i
-        p_q = q + i_b * stride_qb + (i_hk * G + o_g)[:, None] * stride_qh + o_i[:, None] * stride_ql \
-            + o_d[None, :] * stride_qd
-        b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.)  # [BLOCK_M, BLOCK_D]
-        if UPCAST:
-            b_q = b_q.to(tl.float32)
+        p_qr = q + i_b * stride_qb + (i_hk * G + o_g) * stride_qh + o_i * stride_ql  # [BLOCK_M] row pointers
         b_lse = tl.load(lse + i_bh * n_rows + o_r, mask=m_r, other=float("inf"))  # [BLOCK_M]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        b_s = _qk(p_qr, p_kr, m_r, m_n, stride_qd, stride_kd,
+                  D, BLOCK_M, BLOCK_N, BLOCK_DK, PRECISION, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N]
         m_s = m_r[:, None] & m_n[None, :] & (o_kpos[None, :] <= o_qpos[:, None])
         b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)
         b_acc += tl.sum(b_p, 0)
@@ -192,6 +198,29 @@ def _mass_finalize_kernel(part, inv_count, out, Hkv, Nv, stride_ob, stride_on, B
     p_o = out + i_b * stride_ob + o_n * stride_on
     b_o = tl.load(p_o, mask=m_n, other=0.)  # [BLOCK_N]
     tl.store(p_o, b_o + b_acc * b_inv, mask=m_n)
+
+
+#: ``tl.dot`` input precision of float32 scores: three TF32 tensor-core products (hi·hi + hi·lo + lo·hi) give
+#: ~float32 accuracy (plain tf32 moves the scores by ~1e-3 relative, "ieee" runs on the CUDA cores and spills
+#: registers from head_dim 128 on). The interpreter ignores it and multiplies exactly in float32.
+FP32_PRECISION = "tf32x3"
+
+
+def _mass_config(dtype: torch.dtype, n_rows: int, D: int, interpret: bool) -> tuple[dict, dict]:
+    """Constexprs and warps of ``(_mass_lse_partial_kernel, _mass_accum_kernel)`` for ``n_rows`` packed query
+    rows and head dim D. Shared by the launcher and :mod:`vspec.kernel_report` (the compile test).
+
+    Measured by the compile test on sm_90 (no GPU timing yet): with head-dim chunks of 32 (16 when D is not a
+    multiple of 32, e.g. 80) a ``64 × 32`` score tile in pass 1 and ``32 × 64`` in pass 2 stay free of
+    register spills for D = 64 … 256 in bf16, fp16 and fp32 (tf32x3); full-D tiles spilled from D = 80 on.
+    """
+    # Triton's CPU interpreter multiplies bfloat16 dot operands as raw integers: there (and only there) the
+    # tiles are widened to float32 before the dot. On a GPU bf16/fp16 run on the tensor cores natively.
+    upcast = dtype == torch.bfloat16 and interpret
+    precision = FP32_PRECISION if dtype == torch.float32 or upcast else "tf32"
+    common = dict(BLOCK_DK=32 if D % 32 == 0 else 16, PRECISION=precision, UPCAST=upcast, num_warps=4)
+    rows = max(16, triton.next_power_of_2(n_rows))
+    return dict(BLOCK_M=min(64, rows), BLOCK_N=32, **common), dict(BLOCK_M=min(32, rows), BLOCK_N=64, **common)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -237,15 +266,9 @@ def visual_attention_mass(q, k, visual_idx, *, scale=None, normalize="visual", a
     count = (n_valid_rows * Hq).to(torch.float32)
     inv_count = torch.where(count > 0, 1.0 / count.clamp_min(1.0), torch.zeros_like(count))
 
-    # Triton's CPU interpreter multiplies bfloat16 dot operands as raw integers: there (and only there) the
-    # tiles are widened to float32 before the dot. On a GPU bf16/fp16 run on the tensor cores natively.
-    upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-    # fp32 inputs get an exact-fp32 dot: tf32 would move the scores by ~1e-3 relative
-    precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
     n_rows = G * Lq
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    BLOCK_M = min(64, max(16, triton.next_power_of_2(n_rows)))
-    BLOCK_N = 64 if BLOCK_D <= 128 else 32
+    cfg_lse, cfg_acc = _mass_config(q.dtype, n_rows, D, interpreting())
+    BLOCK_M, BLOCK_N = cfg_lse["BLOCK_M"], cfg_lse["BLOCK_N"]
     gather = normalize == "visual"
     n_keys = Nv if gather else S
     n_blocks = triton.cdiv(n_keys, BLOCK_N)
@@ -265,18 +288,16 @@ def visual_attention_mass(q, k, visual_idx, *, scale=None, normalize="visual", a
     _mass_lse_partial_kernel[(B * Hkv, row_tiles, num_splits)](
         q, k, visual_idx, amask, m_part, l_part,
         S, Lq, G, Hkv, n_rows, n_keys, num_splits, blocks_per_split, qk_scale, *strides,
-        D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        GATHER=gather, HAS_MASK=has_mask, PRECISION=precision, UPCAST=upcast,
+        D=D, GATHER=gather, HAS_MASK=has_mask, **cfg_lse,
     )
     BLOCK_R = min(1024, triton.next_power_of_2(n_rows))
     _mass_lse_combine_kernel[(B * Hkv, triton.cdiv(n_rows, BLOCK_R))](
         m_part, l_part, lse, n_rows, num_splits, BLOCK_R=BLOCK_R,
     )
-    _mass_accum_kernel[(B * Hkv, triton.cdiv(Nv, BLOCK_N))](
+    _mass_accum_kernel[(B * Hkv, triton.cdiv(Nv, cfg_acc["BLOCK_N"]))](
         q, k, visual_idx, amask, lse, part,
         S, Lq, G, Hkv, n_rows, Nv, qk_scale, *strides,
-        D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        HAS_MASK=has_mask, PRECISION=precision, UPCAST=upcast,
+        D=D, HAS_MASK=has_mask, **cfg_acc,
     )
     BLOCK_F = min(1024, triton.next_power_of_2(Nv))
     _mass_finalize_kernel[(B, triton.cdiv(Nv, BLOCK_F))](
@@ -291,34 +312,21 @@ def visual_attention_mass(q, k, visual_idx, *, scale=None, normalize="visual", a
 
 
 @triton.jit
-def _cosine_with(p_x, o_n, b_inv, o_p, m_p, C, eps, stride_xn, stride_xc,
-                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """cos(x[o_n], x[o_p]) for each token of the block; 0 where m_p is False. b_inv = 1/|x[o_n]|."""
-    b_dot = tl.zeros([BLOCK_T], dtype=tl.float32)
-    b_pp = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        o_c = c0 + tl.arange(0, BLOCK_C)
-        m_c = o_c < C
-        b_x = tl.load(p_x + o_n[:, None] * stride_xn + o_c[None, :] * stride_xc,
-                      mask=m_p[:, None] & m_c[None, :], other=0.).to(tl.float32)  # [BLOCK_T, BLOCK_C]
-        b_y = tl.load(p_x + o_p[:, None] * stride_xn + o_c[None, :] * stride_xc,
-                      mask=m_p[:, None] & m_c[None, :], other=0.).to(tl.float32)  # [BLOCK_T, BLOCK_C]
-        b_dot += tl.sum(b_x * b_y, 1)
-        b_pp += tl.sum(b_y * b_y, 1)
-    b_cos = b_dot * b_inv / tl.maximum(tl.sqrt(b_pp), eps)
-    return tl.where(m_p, b_cos, 0.)
-
-
-@triton.jit
 def _frame_scores_kernel(
     x, temporal, spatial,
-    N, C, T, H, W, R, eps,
+    N, C, T, H, W, eps,
     stride_xb, stride_xn, stride_xc,
     stride_tb, stride_tn, stride_sb, stride_sn,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    WINDOW: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """One program per BLOCK_T tokens. Partner slots: slot 0 is the temporal partner, slot 1 + i·WINDOW + j the
+    window cell (i − R, j − R) (the centre cell is masked). Slots run in chunks of BLOCK_K; inside a chunk every
+    feature chunk of the centre rows is loaded once and dotted with all partner rows of the chunk, which are
+    loaded once each, together with their squared norms: a row is read once per neighbourhood."""
     i_b = tl.program_id(0).to(tl.int64)
     i_n = tl.program_id(1).to(tl.int64)
+    R: tl.constexpr = WINDOW // 2
+    N_SLOTS: tl.constexpr = WINDOW * WINDOW + 1
     o_n = i_n * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     m_n = o_n < N
     HW = H * W
@@ -326,40 +334,77 @@ def _frame_scores_kernel(
     o_h = (o_n // W) % H
     o_w = o_n % W
     p_x = x + i_b * stride_xb
+    o_pt = tl.where(o_t == 0, 1, o_t - 1)  # temporal partner: the previous frame, the next one at t == 0
+    m_pt = m_n & (o_pt < T)  # none when T == 1
 
-    b_ss = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        o_c = c0 + tl.arange(0, BLOCK_C)
-        b_x = tl.load(p_x + o_n[:, None] * stride_xn + o_c[None, :] * stride_xc,
-                      mask=m_n[:, None] & (o_c < C)[None, :], other=0.).to(tl.float32)  # [BLOCK_T, BLOCK_C]
-        b_ss += tl.sum(b_x * b_x, 1)
-    b_inv = 1. / tl.maximum(tl.sqrt(b_ss), eps)
-
-    # temporal novelty: partner is the previous frame, the next one for t == 0, none when T == 1
-    o_pt = tl.where(o_t == 0, 1, o_t - 1)
-    m_pt = m_n & (o_pt < T)
-    b_cos = _cosine_with(p_x, o_n, b_inv, o_pt * HW + o_h * W + o_w, m_pt, C, eps, stride_xn, stride_xc,
-                         BLOCK_T, BLOCK_C)
-    b_temporal = tl.where(m_pt, 1. - b_cos, 0.)
-    tl.store(temporal + i_b * stride_tb + o_n * stride_tn, b_temporal, mask=m_n)
-
-    # spatial complexity: population variance (Welford) of cos over the in-frame neighbours
+    b_tcos = tl.zeros([BLOCK_T], dtype=tl.float32)
+    # spatial cosines: count, mean and M2 merged chunk by chunk (Chan et al.), so any window fits
     b_cnt = tl.zeros([BLOCK_T], dtype=tl.float32)
     b_mean = tl.zeros([BLOCK_T], dtype=tl.float32)
     b_m2 = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for dh in range(-R, R + 1):
-        for dw in range(-R, R + 1):
-            o_hh = o_h + dh
-            o_ww = o_w + dw
-            m_nb = m_n & (o_hh >= 0) & (o_hh < H) & (o_ww >= 0) & (o_ww < W) & ((dh != 0) | (dw != 0))
-            o_nb = o_t * HW + o_hh * W + o_ww
-            b_c = _cosine_with(p_x, o_n, b_inv, o_nb, m_nb, C, eps, stride_xn, stride_xc, BLOCK_T, BLOCK_C)
-            b_cnt += m_nb.to(tl.float32)
-            b_delta = b_c - b_mean
-            b_mean += tl.where(m_nb, b_delta / tl.maximum(b_cnt, 1.), 0.)
-            b_m2 += tl.where(m_nb, b_delta * (b_c - b_mean), 0.)
+    for s0 in range(0, N_SLOTS, BLOCK_K):
+        o_s = s0 + tl.arange(0, BLOCK_K)
+        o_cell = tl.maximum(o_s - 1, 0)
+        o_dh = o_cell // WINDOW - R
+        o_dw = o_cell % WINDOW - R
+        m_cell = (o_s >= 1) & (o_s < N_SLOTS) & ((o_dh != 0) | (o_dw != 0))  # [BLOCK_K]
+        o_hh = o_h[:, None] + o_dh[None, :]  # [BLOCK_T, BLOCK_K]
+        o_ww = o_w[:, None] + o_dw[None, :]
+        m_sp = m_n[:, None] & m_cell[None, :] & (o_hh >= 0) & (o_hh < H) & (o_ww >= 0) & (o_ww < W)
+        m_tp = m_pt[:, None] & (o_s == 0)[None, :]
+        o_p = tl.where((o_s == 0)[None, :], (o_pt * HW + o_h * W + o_w)[:, None], o_t[:, None] * HW + o_hh * W + o_ww)
+        m_p = m_sp | m_tp  # [BLOCK_T, BLOCK_K]
+        b_ss = tl.zeros([BLOCK_T], dtype=tl.float32)
+        b_dot = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+        b_pp = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            o_c = c0 + tl.arange(0, BLOCK_C)
+            m_c = o_c < C
+            b_x = tl.load(p_x + o_n[:, None] * stride_xn + o_c[None, :] * stride_xc,
+                          mask=m_n[:, None] & m_c[None, :], other=0.).to(tl.float32)  # [BLOCK_T, BLOCK_C]
+            b_y = tl.load(p_x + o_p[:, :, None] * stride_xn + o_c[None, None, :] * stride_xc,
+                          mask=m_p[:, :, None] & m_c[None, None, :],
+                          other=0.).to(tl.float32)  # [BLOCK_T, BLOCK_K, BLOCK_C]
+            b_ss += tl.sum(b_x * b_x, 1)
+            b_dot += tl.sum(b_x[:, None, :] * b_y, 2)
+            b_pp += tl.sum(b_y * b_y, 2)
+        b_inv = 1. / tl.maximum(tl.sqrt(b_ss), eps)
+        b_cos = tl.where(m_p, b_dot * b_inv[:, None] / tl.maximum(tl.sqrt(b_pp), eps), 0.)  # [BLOCK_T, BLOCK_K]
+        b_tcos += tl.sum(tl.where(m_tp, b_cos, 0.), 1)
+        b_n = tl.sum(m_sp.to(tl.float32), 1)
+        b_cmean = tl.sum(tl.where(m_sp, b_cos, 0.), 1) / tl.maximum(b_n, 1.)
+        b_dev = tl.where(m_sp, b_cos - b_cmean[:, None], 0.)
+        b_cm2 = tl.sum(b_dev * b_dev, 1)
+        b_tot = tl.maximum(b_cnt + b_n, 1.)
+        b_delta = b_cmean - b_mean
+        b_m2 += b_cm2 + b_delta * b_delta * (b_cnt * b_n / b_tot)
+        b_mean += b_delta * (b_n / b_tot)
+        b_cnt += b_n
+    tl.store(temporal + i_b * stride_tb + o_n * stride_tn, tl.where(m_pt, 1. - b_tcos, 0.), mask=m_n)
     b_spatial = tl.where(b_cnt > 0, tl.maximum(b_m2, 0.) / tl.maximum(b_cnt, 1.), 0.)
     tl.store(spatial + i_b * stride_sb + o_n * stride_sn, b_spatial, mask=m_n)
+
+
+def _frame_config(C: int, window: int) -> dict:
+    """Constexprs of ``_frame_scores_kernel``: a ``[BLOCK_T, BLOCK_K, BLOCK_C]`` partner tile of ~4k lanes."""
+    BLOCK_K = min(triton.next_power_of_2(window * window + 1), 32)
+    BLOCK_C = min(64, max(16, triton.next_power_of_2(C)))
+    return dict(WINDOW=window, BLOCK_T=max(1, 4096 // (BLOCK_K * BLOCK_C)), BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C)
+
+
+def frame_rows_read(grid, window: int) -> int:
+    """Feature rows ``_frame_scores_kernel`` loads per batch row (analytic; masked loads read nothing): per
+    token, its own row once per slot chunk, plus each existing partner once."""
+    T, H, W = (int(g) for g in grid)
+    r = window // 2
+    chunks = -(-(window * window + 1) // _frame_config(1, window)["BLOCK_K"])
+    per_frame = 0
+    for h in range(H):
+        n_h = min(H, h + r + 1) - max(0, h - r)
+        for w in range(W):
+            n_w = min(W, w + r + 1) - max(0, w - r)
+            per_frame += chunks + n_h * n_w - 1
+    return T * per_frame + (T * H * W if T > 1 else 0)
 
 
 def frame_semantic_scores(x, grid, *, window=3, eps=1e-8):
@@ -377,12 +422,11 @@ def frame_semantic_scores(x, grid, *, window=3, eps=1e-8):
         return temporal, spatial
     if x.stride(-1) != 1:
         x = x.contiguous()
-    BLOCK_C = min(128, max(16, triton.next_power_of_2(C)))
-    BLOCK_T = 32 if BLOCK_C >= 128 else 64
-    _frame_scores_kernel[(B, triton.cdiv(N, BLOCK_T))](
+    cfg = _frame_config(C, int(window))
+    _frame_scores_kernel[(B, triton.cdiv(N, cfg["BLOCK_T"]))](
         x, temporal, spatial,
-        N, C, T, H, W, int(window) // 2, float(eps),
+        N, C, T, H, W, float(eps),
         *x.stride(), *temporal.stride(), *spatial.stride(),
-        BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
+        **cfg,
     )
     return temporal, spatial
