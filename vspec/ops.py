@@ -1,6 +1,6 @@
 """Public fused ops of vspec: argument checks, then dispatch to Triton or to the PyTorch reference.
 
-Dispatch rule (DESIGN.md, Dispatch): the Triton kernel runs when any tensor argument is on CUDA, or when
+Dispatch rule (docs/design.md, Op contract): the Triton kernel runs when any tensor argument is on CUDA, or when
 Triton's CPU interpreter is on (``TRITON_INTERPRET=1``, or any value the installed Triton reads as true; used
 by the tests); otherwise the reference in
 :mod:`vspec.kernels.reference` runs. ``VSPEC_BACKEND=reference|triton`` forces one backend.
@@ -178,7 +178,7 @@ def frame_semantic_scores(x, grid, *, window=3):
     temporal = ``1 - cos(x[t,h,w], x[t-1,h,w])`` (partner t = 1 at t = 0; 0 when T == 1); spatial =
     population variance of the cosine to the in-frame window × window neighbours, centre excluded (0 with
     no neighbour). A zero feature vector has cosine 0 with every vector.
-    Returns ``(temporal, spatial)``, each ``[B, N]`` float32 (see DESIGN.md, Op contract).
+    Returns ``(temporal, spatial)``, each ``[B, N]`` float32 (see docs/design.md, Op contract).
     """
     import operator
 
