@@ -40,8 +40,9 @@ def _hf_processors(s: GenerationSettings, pad_len: int):
     eos = list(s.eos_token_ids)
     procs = []
     if s.repetition_penalty != 1.0:
+        # one row at a time: the int form of prompt_ignore_length (5.24 passes a per-row tensor; 5.17 has the int)
         procs.append(RepetitionPenaltyLogitsProcessor(
-            s.repetition_penalty, prompt_ignore_length=torch.tensor([pad_len]) if s.penalty_skips_padding else None))
+            s.repetition_penalty, prompt_ignore_length=pad_len if s.penalty_skips_padding else None))
     if s.no_repeat_ngram_size:
         procs.append(NoRepeatNGramLogitsProcessor(s.no_repeat_ngram_size))
     if s.bad_words_ids:

@@ -78,5 +78,14 @@ def test_warning_says_what_to_pass():
 def test_qwen_processors_return_the_types_by_default():
     """What the warning tells users: the Qwen processors add mm_token_type_ids unless told not to."""
     from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
+    from transformers.models.qwen2_5_vl import processing_qwen2_5_vl
+    from transformers.models.qwen2_vl import processing_qwen2_vl
 
-    assert Qwen2_5_VLProcessor.return_mm_token_type_ids is True and Qwen2VLProcessor.return_mm_token_type_ids is True
+    def default(processor, module, kwargs_name):
+        if hasattr(processor, "return_mm_token_type_ids"):  # transformers 5.24: a class attribute
+            return processor.return_mm_token_type_ids
+        # transformers 5.17: a default of the processor's text kwargs
+        return getattr(module, kwargs_name)._defaults["text_kwargs"].get("return_mm_token_type_ids", False)
+
+    assert default(Qwen2_5_VLProcessor, processing_qwen2_5_vl, "Qwen2_5_VLProcessorKwargs") is True
+    assert default(Qwen2VLProcessor, processing_qwen2_vl, "Qwen2VLProcessorKwargs") is True
