@@ -54,7 +54,9 @@ class Prompt:
 
 
 class ModelAdapter:
-    """Base adapter. Subclasses implement :meth:`prompt_positions` and :meth:`visual_spans`."""
+    """Base adapter. Subclasses implement :meth:`prompt_positions` and :meth:`visual_spans`; a family whose forward
+    hands its language model more than ``inputs_embeds`` (Qwen3-VL's DeepStack) also sets
+    :attr:`language_extra_keys` and implements :meth:`gather_language_extras`."""
 
     family = ""
     position_rows = 1
