@@ -243,6 +243,40 @@ def test_identical_draft_accepts_everything(models, family):
         assert st.kept_visual_tokens == st.total_visual_tokens
 
 
+def _image_then_video(target):
+    """Two ragged rows, each an image prompt followed by a video prompt (DeepStack rows of both kinds interleave)."""
+    img = make_inputs(target, batch_size=2, prompt_lens=[3, 6], modality="image", seed=1)
+    vid = make_inputs(target, batch_size=2, prompt_lens=[4, 2], modality="video", frames=4, seed=2)
+    ids, types = [], []
+    for b in range(2):
+        a, v = img["attention_mask"][b].bool(), vid["attention_mask"][b].bool()
+        ids.append(torch.cat([img["input_ids"][b][a], vid["input_ids"][b][v][1:]]))  # the video prompt's BOS dropped
+        types.append(torch.cat([img["mm_token_type_ids"][b][a], vid["mm_token_type_ids"][b][v][1:]]))
+    L = max(len(r) for r in ids)
+    out = {k: torch.zeros(2, L, dtype=torch.long) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    for b in range(2):
+        n = len(ids[b])
+        out["input_ids"][b, L - n:], out["mm_token_type_ids"][b, L - n:] = ids[b], types[b]
+        out["attention_mask"][b, L - n:] = 1
+    return dict(out, pixel_values=img["pixel_values"], image_grid_thw=img["image_grid_thw"],
+                pixel_values_videos=vid["pixel_values_videos"], video_grid_thw=vid["video_grid_thw"])
+
+
+def test_image_and_video_in_one_row(models):
+    target, close, _ = models["qwen3_vl"]
+    inputs = _image_then_video(target)
+    spans = get_adapter(target).visual_spans(inputs["input_ids"], inputs["attention_mask"], _kw(inputs))
+    assert [[(s.grid, s.pieces is None) for s in row] for row in spans] == [[((1, 2, 2), True), ((2, 2, 2), False)]] * 2
+    ref = target.generate(**inputs, max_new_tokens=13, do_sample=False, eos_token_id=10**6)
+    for prune, source, keep, draft in (("semantic", "target", 0.25, close), ("attention", "draft", 0.1, close),
+                                       ("semantic", "target", 1.0, target), ("attention", "draft", 1.0, target)):
+        cfg = SpecConfig(draft_len=3, prune=prune, prune_source=source, keep_ratio=keep)
+        out = SpecDecoder(target, draft, cfg).generate(**inputs, max_new_tokens=13, eos_token_id=10**6)
+        _assert_same(out.sequences, ref)
+        if draft is target:
+            assert out.stats.mean_accepted_length == 4
+
+
 @pytest.mark.parametrize("detector", ["hidden", "attention"])
 def test_loose_zero_tolerance_equals_strict(models, detector):
     target, close, _ = models["qwen3_vl"]
