@@ -39,6 +39,8 @@ __all__ = [
     "tiny_model",
     "tiny_pair",
     "make_inputs",
+    "qwen3_timestamps",
+    "QWEN3_TIMESTAMP_IDS",
     "visual_token_count",
     "perturbed_copy",
     "chi_square_test",
@@ -54,7 +56,14 @@ __all__ = [
 PAD_ID, BOS_ID, EOS_ID, VISION_START_ID, VISION_END_ID, IMAGE_ID, VIDEO_ID = range(7)
 FIRST_TEXT_ID = 8
 
-SUPPORTED_FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava_onevision")
+SUPPORTED_FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava_onevision", "qwen3_vl", "qwen3_vl_moe")
+_QWEN = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe")
+_QWEN3 = ("qwen3_vl", "qwen3_vl_moe")
+
+#: Text ids the tiny models' Qwen3-VL video prompts spell each frame group's timestamp ``<1.2 seconds>`` with: one id
+#: per character of the number (as Qwen's tokenizer splits digits), one for ``<``, `` seconds`` and ``>``.
+QWEN3_TIMESTAMP_IDS = {ch: FIRST_TEXT_ID + 1 + i
+                       for i, ch in enumerate(["<", ">", " seconds", "."] + list("0123456789"))}
 
 # Sizes of the two roles. The draft is shallower and narrower, but shares vocabulary and token ids.
 _ROLE_SIZES = {
@@ -76,7 +85,9 @@ def tiny_config(model_type: str = "qwen2_5_vl", *, role: str = "target", vocab_s
     32, 2 layers, 2 heads / 1 kv head); ``sizes`` overrides ``hidden_size``, ``num_layers``, ``heads``,
     ``kv_heads``, ``intermediate``. Qwen vision towers use 14-px patches, temporal patch 2 and 2×2 merge, like
     the real models; LLaVA-OneVision uses a 28-px SigLIP with 7-px patches (16 patches, pooled to 4 tokens a
-    frame) and ``vision_feature_select_strategy="full"``.
+    frame) and ``vision_feature_select_strategy="full"``. Qwen3-VL (and Qwen3-VL-MoE: 4 experts, 2 per token, every
+    layer sparse) has interleaved M-RoPE, a 2-block vision tower whose blocks 0 and 1 feed DeepStack features into
+    the first two decoder layers, and an 8×8 learned position grid.
     """
     _check_family(model_type)
     if role not in _ROLE_SIZES:
@@ -99,6 +110,8 @@ def tiny_config(model_type: str = "qwen2_5_vl", *, role: str = "target", vocab_s
         pad_token_id=PAD_ID,
         tie_word_embeddings=False,
     )
+    if model_type in _QWEN3:
+        return _qwen3_config(model_type, text, s)
     if model_type in ("qwen2_5_vl", "qwen2_vl"):
         head_dim = s["hidden_size"] // s["heads"]
         # M-RoPE sections (t, h, w) sum to head_dim / 2.
@@ -148,6 +161,32 @@ def tiny_config(model_type: str = "qwen2_5_vl", *, role: str = "target", vocab_s
     )
 
 
+def _qwen3_config(model_type: str, text: dict, s: dict):
+    head_dim = s["hidden_size"] // s["heads"]
+    half = head_dim // 2
+    # (t, h, w) sections of the rotary half, in the real models' 24:20:20 proportion; Qwen3-VL interleaves them.
+    hw = max(1, (half * 20) // 64)
+    text = dict(text, head_dim=head_dim,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [half - 2 * hw, hw, hw], "mrope_interleaved": True})
+    vision = dict(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2, out_hidden_size=s["hidden_size"], num_position_embeddings=64,
+        deepstack_visual_indexes=[0, 1],
+    )
+    ids = dict(image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=VISION_START_ID,
+               vision_end_token_id=VISION_END_ID, tie_word_embeddings=False)
+    if model_type == "qwen3_vl":
+        from transformers import Qwen3VLConfig
+
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+    from transformers import Qwen3VLMoeConfig
+
+    text = dict(text, moe_intermediate_size=s["intermediate"] // 4, num_experts=4, num_experts_per_tok=2,
+                decoder_sparse_step=1)
+    return Qwen3VLMoeConfig(text_config=text, vision_config=vision, **ids)
+
+
 def _model_class(model_type: str):
     import transformers
 
@@ -155,6 +194,8 @@ def _model_class(model_type: str):
         "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
         "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
         "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
+        "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+        "qwen3_vl_moe": transformers.Qwen3VLMoeForConditionalGeneration,
     }[model_type]
 
 
@@ -204,7 +245,7 @@ def tiny_pair(model_type: str = "qwen2_5_vl", *, seed: int = 0, **kwargs):
 def visual_token_count(config, modality: str = "video", *, frames: int = 4, height: int = 56, width: int = 56) -> int:
     """Number of placeholder tokens one video/image of the given size takes in the language model."""
     mt = config.model_type
-    if mt in ("qwen2_5_vl", "qwen2_vl"):
+    if mt in _QWEN:
         vc = config.vision_config
         t = 1 if modality == "image" else max(1, frames // vc.temporal_patch_size)
         gh, gw = height // vc.patch_size, width // vc.patch_size
@@ -241,9 +282,12 @@ def make_inputs(
     tokens ``t``; rows differ in ``prompt_lens`` (default ``3, 5, 4, 6, ...``) and in their video/image.
     ``modality`` is ``"video"``, ``"image"`` or ``"text"`` (no visual tokens). LLaVA-OneVision frames and images
     are ``image_size`` square (``height``/``width`` are not used there); its image inputs carry ``image_sizes``.
-    Qwen inputs carry ``mm_token_type_ids`` (0 text, 1 image, 2 video) and, for video, ``second_per_grid_ts``:
-    transformers needs both to compute M-RoPE positions. Float tensors are float32 on ``device`` (default: the
-    model's input device, ``vspec.runtime.devices.input_device``).
+    Qwen inputs carry ``mm_token_type_ids`` (0 text, 1 image, 2 video) and, for Qwen2.5-VL video,
+    ``second_per_grid_ts``: transformers needs both to compute M-RoPE positions. A Qwen3-VL video is laid out as
+    transformers' (5.x) processor expands the chat template's ``VISION_START <video> VISION_END``: inside that pair,
+    per temporal group, its timestamp text ``<t seconds>`` (frames at 2 fps, :func:`qwen3_timestamps`), then
+    ``VISION_START``, the group's placeholders, ``VISION_END``; ``video_grid_thw`` keeps one row per video.
+    Float tensors are float32 on ``device`` (default: the model's input device, ``vspec.runtime.devices.input_device``).
     """
     config = getattr(model_or_config, "config", model_or_config)
     if device is None:  # where the model takes its inputs (not .device: a dispatched model's may be meta)
@@ -279,6 +323,10 @@ def make_inputs(
         elif mt == "llava_onevision":
             ids = head + [placeholder] * n_vis + tail
             tt = [0] * len(head) + [type_id] * n_vis + [0] * len(tail)
+        elif mt in _QWEN3 and modality == "video":
+            body, body_types = _qwen3_video_tokens(config, frames, n_vis)
+            ids = head + [VISION_START_ID] + body + [VISION_END_ID] + tail
+            tt = [0] * (len(head) + 1) + body_types + [0] * (len(tail) + 1)
         else:
             ids = head + [VISION_START_ID] + [placeholder] * n_vis + [VISION_END_ID] + tail
             tt = [0] * (len(head) + 1) + [type_id] * n_vis + [0] * (len(tail) + 1)
@@ -296,7 +344,7 @@ def make_inputs(
 
     out = {"input_ids": input_ids, "attention_mask": attention_mask}
     if modality != "text":
-        if mt in ("qwen2_5_vl", "qwen2_vl"):
+        if mt in _QWEN:
             vc = config.vision_config
             t = 1 if modality == "image" else max(1, frames // vc.temporal_patch_size)
             gh, gw = height // vc.patch_size, width // vc.patch_size
@@ -318,6 +366,30 @@ def make_inputs(
             out["pixel_values"] = torch.randn(batch_size, 2, 3, size, size, generator=gen)  # base tile + 1 anyres
             out["image_sizes"] = torch.tensor([[size, size]] * batch_size, dtype=torch.long)
     return {k: v.to(device) for k, v in out.items()}
+
+
+def qwen3_timestamps(frames: int, *, fps: float = 2.0, temporal_patch_size: int = 2) -> list[float]:
+    """The timestamp (seconds) Qwen3-VL's processor writes before each temporal group of a video of ``frames``
+    consecutive frames sampled at ``fps``: the mean time of the group's first and last frame (an incomplete last group
+    repeats the last frame)."""
+    idx = list(range(frames))
+    while len(idx) % temporal_patch_size:
+        idx.append(idx[-1])
+    secs = [i / fps for i in idx]
+    return [(secs[i] + secs[i + temporal_patch_size - 1]) / 2 for i in range(0, len(secs), temporal_patch_size)]
+
+
+def _qwen3_video_tokens(config, frames: int, n_vis: int) -> tuple[list[int], list[int]]:
+    """A Qwen3-VL video's tokens as transformers' processor lays them out: per temporal group, the timestamp text
+    ``<t seconds>`` (ids from :data:`QWEN3_TIMESTAMP_IDS`), then ``VISION_START``, the group's placeholders,
+    ``VISION_END``; and the matching ``mm_token_type_ids`` (2 on the placeholders only)."""
+    stamps = qwen3_timestamps(frames, temporal_patch_size=config.vision_config.temporal_patch_size)
+    per_frame = n_vis // len(stamps)
+    ids: list[int] = []
+    for t in stamps:
+        chars = ["<"] + list(f"{t:.1f}") + [" seconds", ">"]
+        ids += [QWEN3_TIMESTAMP_IDS[c] for c in chars] + [VISION_START_ID] + [VIDEO_ID] * per_frame + [VISION_END_ID]
+    return ids, [2 if i == VIDEO_ID else 0 for i in ids]
 
 
 def perturbed_copy(model, *, noise: float = 0.05, seed: int = 0):

@@ -270,9 +270,10 @@ class SpecDecoder:
         embeds_t = None
         if need_scores and cfg.prune_source == "target":
             capture = self._make_capture(self.target, prompt, visual_idx)
-            embeds_t = self.t_adapter.input_embeddings(prompt.input_ids, prompt.attention_mask,
-                                                       prompt.model_kwargs, pos_ids)
-            with capturing(self.target, capture), self._watch_prefill(visual_idx):
+            embeds_t, extras_t = self.t_adapter.language_inputs(prompt.input_ids, prompt.attention_mask,
+                                                                prompt.model_kwargs, pos_ids)
+            with (capturing(self.target, capture), self._watch_prefill(visual_idx),
+                  self.t_adapter.language_kwargs(extras_t)):
                 logits = target.forward(inputs_embeds=embeds_t, positions=prompt.positions, new_valid=valid,
                                         logits_to_keep=1)
         else:
@@ -307,15 +308,17 @@ class SpecDecoder:
 
         if cfg.prune_source == "draft":
             d_pos = self.d_adapter.model_position_ids(prompt.positions)
-            embeds_d = self.d_adapter.input_embeddings(prompt.input_ids, prompt.attention_mask,
-                                                       prompt.model_kwargs, d_pos)
-            if need_scores:
-                capture = self._make_capture(self.draft, prompt, visual_idx)
-                with capturing(self.draft, capture):
+            embeds_d, extras_d = self.d_adapter.language_inputs(prompt.input_ids, prompt.attention_mask,
+                                                                prompt.model_kwargs, d_pos)
+            with self.d_adapter.language_kwargs(extras_d):
+                if need_scores:
+                    capture = self._make_capture(self.draft, prompt, visual_idx)
+                    with capturing(self.draft, capture):
+                        draft.forward(inputs_embeds=embeds_d, positions=prompt.positions, new_valid=valid,
+                                      logits_to_keep=1)
+                else:
                     draft.forward(inputs_embeds=embeds_d, positions=prompt.positions, new_valid=valid,
                                   logits_to_keep=1)
-            else:
-                draft.forward(inputs_embeds=embeds_d, positions=prompt.positions, new_valid=valid, logits_to_keep=1)
             keep_phys = self._keep_rows(prompt, visual_idx, capture, embeds_d, prune)
             stats.kept_visual_tokens = int((keep_phys & vis).sum())
             draft.valid = keep_phys
@@ -325,8 +328,8 @@ class SpecDecoder:
         keep_phys = self._keep_rows(prompt, visual_idx, capture, embeds_t, prune)
         stats.kept_visual_tokens = int((keep_phys & vis).sum())
         d_pos = self.d_adapter.model_position_ids(prompt.positions)
-        embeds_d = self.d_adapter.input_embeddings(prompt.input_ids, prompt.attention_mask, prompt.model_kwargs,
-                                                   d_pos)
+        embeds_d, extras_d = self.d_adapter.language_inputs(prompt.input_ids, prompt.attention_mask,
+                                                            prompt.model_kwargs, d_pos)
         # Gather each row's kept tokens (text + kept visual) to the right end, left-padded; ORIGINAL positions.
         counts = keep_phys.sum(dim=1)
         width = int(counts.max())
@@ -334,7 +337,8 @@ class SpecDecoder:
         new_valid = torch.gather(keep_phys, 1, order)
         embeds = torch.gather(embeds_d, 1, order[..., None].expand(-1, -1, embeds_d.shape[-1]))
         positions = torch.gather(prompt.positions, 2, order[None].expand(prompt.positions.shape[0], -1, -1))
-        draft.forward(inputs_embeds=embeds, positions=positions, new_valid=new_valid, logits_to_keep=1)
+        with self.d_adapter.language_kwargs(self.d_adapter.gather_language_extras(extras_d, order, new_valid)):
+            draft.forward(inputs_embeds=embeds, positions=positions, new_valid=new_valid, logits_to_keep=1)
 
     def _make_capture(self, model, prompt: Prompt, visual_idx: torch.Tensor) -> ScoreCapture:
         pc = self.config.prune_config
@@ -672,7 +676,9 @@ def _expand_level(levels: TreeLevels, d: int, logits: torch.Tensor, scores: torc
 def _semantics(embeds_row: torch.Tensor, spans, visual_idx_row: torch.Tensor):
     """Temporal novelty, spatial complexity and frame id of one row's visual tokens, in visual_idx order.
 
-    visual_idx_row: ``[Nmax]`` physical indices of the row's visual tokens (−1 padding: zeros there).
+    visual_idx_row: ``[Nmax]`` physical indices of the row's visual tokens (−1 padding: zeros there). A span's
+    tokens may lie in several runs (``VisualSpan.pieces``: a Qwen3-VL video's frame groups); its grid covers them
+    all, so temporal novelty compares each frame with the previous frame of the same video.
     """
     n = visual_idx_row.shape[0]
     device = embeds_row.device
@@ -682,18 +688,20 @@ def _semantics(embeds_row: torch.Tensor, spans, visual_idx_row: torch.Tensor):
     where = {int(r): i for i, r in enumerate(visual_idx_row.tolist()) if r >= 0}
     frame_base = 0
     for span in spans:
-        first = where[span.start]
+        phys = span.indices()
+        slots = torch.tensor([where[p] for p in phys], dtype=torch.long, device=device)
         if span.grid is None:
-            frame_ids[first:first + span.length] = frame_base
+            frame_ids[slots] = frame_base
             frame_base += 1
             continue
         t, h, w = span.grid
-        x = embeds_row[span.start:span.start + t * h * w].float()[None]
+        cells = t * h * w
+        x = embeds_row[torch.tensor(phys[:cells], dtype=torch.long, device=embeds_row.device)].float()[None]
         tem, spa = ops.frame_semantic_scores(x, (t, h, w))
-        temporal[first:first + t * h * w] = tem[0]
-        spatial[first:first + t * h * w] = spa[0]
-        frame_ids[first:first + t * h * w] = frame_base + torch.arange(t, device=device).repeat_interleave(h * w)
-        if span.length > t * h * w:  # LLaVA-OneVision's newline token joins the last frame
-            frame_ids[first + t * h * w:first + span.length] = frame_base + t - 1
+        temporal[slots[:cells]] = tem[0]
+        spatial[slots[:cells]] = spa[0]
+        frame_ids[slots[:cells]] = frame_base + torch.arange(t, device=device).repeat_interleave(h * w)
+        if span.length > cells:  # LLaVA-OneVision's newline token joins the last frame
+            frame_ids[slots[cells:]] = frame_base + t - 1
         frame_base += t
     return temporal, spatial, frame_ids

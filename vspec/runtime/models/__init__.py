@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from .base import ModelAdapter, Prompt, VisualSpan
 from .llava_onevision import LlavaOnevisionAdapter
+from .qwen3_vl import Qwen3VLAdapter
 from .qwen_vl import QwenVLAdapter
 
 _ADAPTERS = {
     "qwen2_5_vl": QwenVLAdapter,
     "qwen2_vl": QwenVLAdapter,
     "llava_onevision": LlavaOnevisionAdapter,
+    "qwen3_vl": Qwen3VLAdapter,
+    "qwen3_vl_moe": Qwen3VLAdapter,
 }
 SUPPORTED_MODEL_TYPES = tuple(_ADAPTERS)
 

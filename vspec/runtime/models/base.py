@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 
@@ -12,16 +13,26 @@ from ..devices import input_device
 
 @dataclass(frozen=True)
 class VisualSpan:
-    """A run of visual placeholder tokens in one batch row.
+    """The visual placeholder tokens of one image or video in one batch row.
 
-    start/length: physical indices ``[start, start+length)`` in the row. grid: ``(T, H, W)`` of the first
-    ``T*H*W`` tokens in (t, h, w) raster order, or ``None`` when the tokens have no frame structure; tokens of
-    the span beyond the grid (LLaVA-OneVision's newline token) have no grid cell.
+    start/length: the first physical index and the number of tokens. pieces: ``None`` when the tokens are one run
+    ``[start, start+length)``; else the runs ``((start, length), ...)`` in order, text between them (a Qwen3-VL
+    video: one run per temporal group, its timestamp text in between), lengths summing to ``length``. grid:
+    ``(T, H, W)`` of the first ``T*H*W`` tokens (in :meth:`indices` order) in (t, h, w) raster order, or ``None``
+    when the tokens have no frame structure; tokens of the span beyond the grid (LLaVA-OneVision's newline token)
+    have no grid cell.
     """
 
     start: int
     length: int
     grid: tuple[int, int, int] | None
+    pieces: tuple[tuple[int, int], ...] | None = None
+
+    def indices(self) -> list[int]:
+        """Physical indices of the span's tokens, in order."""
+        if self.pieces is None:
+            return list(range(self.start, self.start + self.length))
+        return [i for start, length in self.pieces for i in range(start, start + length)]
 
 
 @dataclass
@@ -44,7 +55,9 @@ class Prompt:
 
 
 class ModelAdapter:
-    """Base adapter. Subclasses implement :meth:`prompt_positions` and :meth:`visual_spans`."""
+    """Base adapter. Subclasses implement :meth:`prompt_positions` and :meth:`visual_spans`; a family whose forward
+    hands its language model more than ``inputs_embeds`` (Qwen3-VL's DeepStack) also sets
+    :attr:`language_extra_keys` and implements :meth:`gather_language_extras`."""
 
     family = ""
     position_rows = 1
@@ -107,11 +120,23 @@ class ModelAdapter:
     def language_model(self):
         return self.model.model.language_model
 
+    #: Keyword arguments besides ``inputs_embeds`` that the model's forward hands its language model and that a
+    #: forward from ``inputs_embeds`` must be given again (Qwen3-VL's DeepStack inputs). None for most families.
+    language_extra_keys: tuple[str, ...] = ()
+
     def input_embeddings(self, input_ids, attention_mask, model_kwargs, position_ids) -> torch.Tensor:
         """``inputs_embeds [B, L, H]`` exactly as the model's own forward builds them (visual rows merged in).
 
         Runs the model's multimodal merge and stops before the language model, so the merge logic is the
         model's own for every family and input kind.
+        """
+        return self.language_inputs(input_ids, attention_mask, model_kwargs, position_ids)[0]
+
+    def language_inputs(self, input_ids, attention_mask, model_kwargs, position_ids) -> tuple[torch.Tensor, dict]:
+        """``(inputs_embeds, extras)``: :meth:`input_embeddings` and the other language-model inputs the model's
+        forward built with them (:attr:`language_extra_keys`; ``{}`` for most families). Forward from
+        ``inputs_embeds`` inside :meth:`language_kwargs` ``(extras)`` to compute what the model computes from
+        ``input_ids``; :meth:`gather_language_extras` cuts the extras to a kept subset of the rows' slots.
         """
         stash = {}
 
@@ -124,6 +149,7 @@ class ModelAdapter:
             if threading.get_ident() != owner:  # another thread's forward on the shared model: not ours to stop
                 return None
             stash["embeds"] = kwargs["inputs_embeds"]
+            stash["extras"] = {k: kwargs.get(k) for k in self.language_extra_keys if kwargs.get(k) is not None}
             raise _Stop
 
         # Inputs on the model's input device (the draft may sit on another device than the caller's tensors); the
@@ -143,7 +169,36 @@ class ModelAdapter:
             handle.remove()
         if "embeds" not in stash:
             raise RuntimeError("could not capture inputs_embeds from the model's forward")
-        return stash["embeds"].to(input_ids.device)
+        return stash["embeds"].to(input_ids.device), stash["extras"]
+
+    def gather_language_extras(self, extras: dict, order: torch.Tensor, new_valid: torch.Tensor) -> dict:
+        """The ``extras`` of :meth:`language_inputs` for the slots ``order [B, W]`` (column indices per row) of each
+        row, of which those with ``new_valid`` are real tokens: what the model would have built for a prompt of just
+        those tokens. Families without extras return ``{}``."""
+        if extras:
+            raise NotImplementedError(f"{type(self).__name__} has language-model extras but cannot gather them")
+        return {}
+
+    @contextlib.contextmanager
+    def language_kwargs(self, extras: dict):
+        """Hand ``extras`` to the language model in every forward inside the block (they replace what the model's
+        forward passes; from ``inputs_embeds`` it passes ``None``). A no-op when ``extras`` is empty."""
+        if not extras:
+            yield
+            return
+
+        owner = threading.get_ident()
+
+        def hook(_module, args, kwargs):
+            if threading.get_ident() != owner:  # another thread's forward on the shared model: not its inputs
+                return None
+            return args, {**kwargs, **extras}
+
+        handle = self.language_model().register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 def runs(mask_row: torch.Tensor) -> list[tuple[int, int]]:
