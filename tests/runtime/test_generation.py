@@ -357,3 +357,23 @@ def test_return_dict_in_generate_from_the_generation_config(models):
     with apply_vspec(t2, close, SpecConfig(draft_len=2)):
         out = t2.generate(**inputs, max_new_tokens=4)
     assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 4 and out.stats.rounds > 0
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_qwen3_vl_with_penalties_through_apply_vspec(schedule, monkeypatch):
+    """Qwen3-VL (timestamped video runs, DeepStack) under repetition_penalty + no_repeat_ngram_size, batch 3, through
+    the patched generate. Ops on the reference backend (the interpreter path is covered by the other families)."""
+    from vspec.testing import tiny_pair
+
+    monkeypatch.setenv("VSPEC_BACKEND", "reference")
+    target, _ = tiny_pair("qwen3_vl")
+    close = perturbed_copy(target, noise=0.1, seed=1)
+    inputs = make_inputs(target, batch_size=3, prompt_lens=[3, 7, 5], seed=2)
+    kw = dict(max_new_tokens=20, do_sample=False, repetition_penalty=1.3, no_repeat_ngram_size=2)
+    ref = target.generate(**inputs, **kw)
+    plain = target.generate(**inputs, max_new_tokens=20, do_sample=False)
+    assert not torch.equal(ref, plain), "the options do not change the tiny model's text: the test would be vacuous"
+    with apply_vspec(target, close, SpecConfig(keep_ratio=0.25, **SCHEDULES[schedule])) as handle:
+        out = target.generate(**inputs, **kw)
+    assert torch.equal(out, ref), f"\nvspec:\n{out}\nreference:\n{ref}"
+    assert handle.last_stats.mean_accepted_length > 1.0
