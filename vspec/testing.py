@@ -427,6 +427,36 @@ def chi_square_test(counts: dict, probs: dict, n: int, *, min_expected: float = 
     return p_value, stat, dof
 
 
+def sample_continuations(dec, inputs: dict, *, rows: int, calls: int, n_tokens: int, generator,
+                         on_output=None, **generate_kwargs) -> dict:
+    """Counts ``{(t1, ..., tn): k}`` of the first ``n_tokens`` tokens that ``dec.generate`` samples for a batch-1
+    ``inputs`` repeated into ``rows`` rows, over ``calls`` calls (EOS disabled, ``do_sample=True``).
+
+    ``generate_kwargs``: the sampling options; ``on_output(out)`` sees each call's output (its stats). The sampling
+    tests compare the counts with :func:`target_sequence_probs` through :func:`assert_follows`."""
+    batch = repeat_rows(inputs, rows)
+    L = inputs["input_ids"].shape[1]
+    counts: dict = {}
+    for _ in range(calls):
+        out = dec.generate(**batch, max_new_tokens=n_tokens, do_sample=True, generator=generator, eos_token_id=10**6,
+                           **generate_kwargs)
+        for seq in out.sequences[:, L:L + n_tokens].tolist():
+            counts[tuple(seq)] = counts.get(tuple(seq), 0) + 1
+        if on_output is not None:
+            on_output(out)
+    return counts
+
+
+def assert_follows(counts: dict, probs: dict, n: int, *, alpha: float = 1e-3, min_dof: int = 3) -> None:
+    """Assert that ``counts`` (``n`` draws) lie in the support of ``probs`` and pass :func:`chi_square_test` at
+    false-alarm rate ``alpha`` with at least ``min_dof`` degrees of freedom."""
+    assert set(counts) <= set(probs), f"sequences outside the target's support: {set(counts) - set(probs)}"
+    p_value, stat, dof = chi_square_test(counts, probs, n)  # cells expected < 5 times are pooled
+    assert dof >= min_dof, f"only {dof} degrees of freedom"
+    assert math.isfinite(stat)
+    assert p_value > alpha, f"chi2={stat:.1f} dof={dof} p={p_value:.2e}"
+
+
 def repeat_rows(inputs: dict, rows: int) -> dict:
     """A batch-1 input dict (from :func:`make_inputs`) repeated into ``rows`` identical rows: every tensor is
     repeated along its first dim (pixel rows, grids and per-video values included)."""
