@@ -49,3 +49,18 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 @pytest.fixture
 def poison():
     return poison_
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """Three H.264 clips of known length, ``(path, frames, fps)`` (the processor-path tests, in and out of their
+    subprocess)."""
+    from vspec.testing import write_video
+
+    root = tmp_path_factory.mktemp("clips")
+    out = []
+    for i, (n, fps) in enumerate(((40, 8), (12, 4), (20, 10))):  # 5 s, 3 s, 2 s
+        path = root / f"clip{i}.mp4"
+        write_video(path, num_frames=n, fps=fps, seed=i)
+        out.append((path, n, fps))
+    return out

@@ -33,18 +33,6 @@ SHIM = ROOT / "tests" / "_torchvision_cpu"
 PREPARE = ".ci/install-torchvision"
 
 
-@pytest.fixture(scope="module")
-def clips(tmp_path_factory):
-    """Three H.264 clips of known length: (path, frames, fps)."""
-    root = tmp_path_factory.mktemp("clips")
-    out = []
-    for i, (n, fps) in enumerate(((40, 8), (12, 4), (20, 10))):  # 5 s, 3 s, 2 s
-        path = root / f"clip{i}.mp4"
-        write_video(path, num_frames=n, fps=fps, seed=i)
-        out.append((path, n, fps))
-    return out
-
-
 # ---- the processor cases, in a subprocess ------------------------------------------------------------------
 
 
