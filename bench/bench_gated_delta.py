@@ -126,6 +126,14 @@ def call(phase, fn, args, accept_len, states=None):
     return o, st
 
 
+def timed_call(phase, fn, args, accept_len, states):
+    """What do_bench times: one call; rounds commit in place into one working state (no clone is timed)."""
+    if phase == "round":
+        work = args[5].clone()
+        return lambda: fn(*args[:5], work, accept_len, states)
+    return lambda: call(phase, fn, args, accept_len, states)
+
+
 def check(phase, got, want) -> bool:
     try:
         if phase == "verify":
@@ -203,12 +211,8 @@ def run_gpu(shapes, batches, tokens, out_csv: Path):
                         if not check(phase, call(phase, fn, args, accept_len, states), want):
                             results[name] = None
                             continue
-                        if phase == "round":  # rounds commit in place into one working state: no clone timed
-                            work = args[5].clone()
-                            bench_fn = lambda fn=fn, work=work: fn(*args[:5], work, accept_len, states)  # noqa: E731
-                        else:
-                            bench_fn = lambda fn=fn: call(phase, fn, args, accept_len, states)  # noqa: E731
-                        results[name] = do_bench(bench_fn, warmup=25, rep=200, return_mode="median")
+                        results[name] = do_bench(timed_call(phase, fn, args, accept_len, states), warmup=25,
+                                                 rep=200, return_mode="median")
                     timed = [ms for ms in results.values() if ms is not None]
                     best = min(timed) if timed else float("nan")
                     print(f"\n{shape} B={B} T={T} {phase}: {nbytes / 1e6:.1f} MB to move")

@@ -4,10 +4,10 @@ No GPU is needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 
 and the ptxas bundled with the Triton wheel assembles it; ``ptxas -v`` on that PTX reports registers and
 spill bytes, Triton's metadata the shared memory. ``VARIANTS`` is the one list of what is compiled, built from
 the launchers' own configuration helpers (``verify._block_v`` / ``_tree_config``, ``scoring._mass_config`` /
-``_frame_config``, ``kv._default_blocks``, ``gated_delta._config``), so the compile test (tests/kernels/test_compile.py) and the benches
-(``python -m vspec bench kernels``) see the variants the ops really launch. ``hot`` marks the variants on the
-decoding path at the shapes of real models (V ≈ 152k, head dims 64–256, γ ≤ 31, trees up to
-``MAX_TREE_NODES``); these must not spill.
+``_frame_config``, ``kv._default_blocks``, ``gated_delta._config``), so the compile test
+(tests/kernels/test_compile.py) and the benches (``python -m vspec bench kernels``) see the variants the ops
+really launch. ``hot`` marks the variants on the decoding path at the shapes of real models (V ≈ 152k, head
+dims 64–256, γ ≤ 31, trees up to ``MAX_TREE_NODES``, Gated DeltaNet states 128×128); these must not spill.
 
 ``report()`` compiles in a child process when Triton's interpreter is on (under it ``@triton.jit`` yields
 interpreter objects that cannot be compiled). Command line::
