@@ -93,7 +93,7 @@ def cmd_bench(args) -> int:
         from .demo.quality import main as quality_main
 
         return quality_main(args.rest)
-    suites = {"kernels": ["bench_scoring.py", "bench_verify.py", "bench_kv.py"],
+    suites = {"kernels": ["bench_scoring.py", "bench_verify.py", "bench_kv.py", "bench_gated_delta.py"],
               "e2e": ["bench_e2e.py", "bench_parallel.py"]}
     if args.suite not in suites:
         print(f"vspec bench: unknown suite {args.suite!r}; available: quality, {', '.join(suites)}", file=sys.stderr)

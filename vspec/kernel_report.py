@@ -4,15 +4,15 @@ No GPU is needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 
 and the ptxas bundled with the Triton wheel assembles it; ``ptxas -v`` on that PTX reports registers and
 spill bytes, Triton's metadata the shared memory. ``VARIANTS`` is the one list of what is compiled, built from
 the launchers' own configuration helpers (``verify._block_v`` / ``_tree_config``, ``scoring._mass_config`` /
-``_frame_config``, ``kv._default_blocks``), so the compile test (tests/kernels/test_compile.py) and the benches
-(``python -m vspec bench kernels``) see the variants the ops really launch. ``hot`` marks the variants on the
-decoding path at the shapes of real models (V ≈ 152k, head dims 64–256, γ ≤ 31, trees up to
-``MAX_TREE_NODES``); these must not spill.
+``_frame_config``, ``kv._default_blocks``, ``gated_delta._config``), so the compile test
+(tests/kernels/test_compile.py) and the benches (``python -m vspec bench kernels``) see the variants the ops
+really launch. ``hot`` marks the variants on the decoding path at the shapes of real models (V ≈ 152k, head
+dims 64–256, γ ≤ 31, trees up to ``MAX_TREE_NODES``, Gated DeltaNet states 128×128); these must not spill.
 
 ``report()`` compiles in a child process when Triton's interpreter is on (under it ``@triton.jit`` yields
 interpreter objects that cannot be compiled). Command line::
 
-    python -m vspec.kernel_report [--arch 90,80] [--family verify,scoring,kv] [--json]
+    python -m vspec.kernel_report [--arch 90,80] [--family verify,scoring,kv,gated_delta] [--json]
 """
 
 from __future__ import annotations
@@ -45,11 +45,13 @@ _POINTERS = {
     "part": "fp32", "inv_count": "fp32", "out": "fp32", "x": "X", "temporal": "fp32", "spatial": "fp32",
     # kv.py
     "kv": "X", "src_idx": "i64", "dst_start": "i64",
+    # gated_delta.py (q, k as in scoring.py; g is float32 in the model, beta has the activations' dtype)
+    "v": "X", "g": "fp32", "beta": "X", "state": "fp32", "o": "X", "new_state": "fp32", "accept_len": "i64",
 }
-_FLOATS = {"inv_temp", "log_ratio", "gate", "qk_scale", "eps"}
+_FLOATS = {"inv_temp", "log_ratio", "gate", "qk_scale", "eps", "scale"}
 # integer arguments that are 1 at every launch (unit last-dim strides): Triton specialises them to constexpr 1
 _ONES = {"stride_tr", "stride_tn", "stride_pn", "stride_sr", "stride_qd", "stride_kd", "stride_vn", "stride_as",
-         "stride_on", "stride_xc", "stride_d", "stride_ik"}
+         "stride_on", "stride_xc", "stride_d", "stride_ik", "stride_vd", "stride_sv", "stride_od", "stride_nv"}
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,10 @@ def _v(family, kernel, label, constexprs, *, dtype="fp32", num_warps=4, hot=True
     return Variant(family, kernel, label, cons, dtype, num_warps, hot, dict(pointers or {}))
 
 
-def variants(families=("verify", "scoring", "kv")) -> list[Variant]:
+ALL_FAMILIES = ("verify", "scoring", "kv", "gated_delta")
+
+
+def variants(families=ALL_FAMILIES) -> list[Variant]:
     """The variants the ops launch, per family (imports the kernel modules: needs triton). The extra family
     ``"probe"`` is a deliberately spilling variant, the compile test's negative control."""
     out: list[Variant] = []
@@ -82,6 +87,8 @@ def variants(families=("verify", "scoring", "kv")) -> list[Variant]:
         out += _scoring_variants()
     if "kv" in families:
         out += _kv_variants()
+    if "gated_delta" in families:
+        out += _gated_delta_variants()
     if "probe" in families:
         # negative control of the compile test: a 16k-lane block at 4 warps must show spills
         out.append(_v("verify", "_block_stats_kernel", "probe: BLOCK_V=16384 at 4 warps (must spill)",
@@ -168,6 +175,22 @@ def _kv_variants() -> list[Variant]:
         bk, bd = kk._default_blocks(D, K)
         out.append(_v("kv", "_compact_kv_kernel", f"{_DT[dtype]} D={D} BLOCK_K={bk} BLOCK_D={bd} dst tensor",
                       dict(DST_IS_TENSOR=True, BLOCK_K=bk, BLOCK_D=bd), dtype=_DT[dtype]))
+    return out
+
+
+def _gated_delta_variants() -> list[Variant]:
+    from .kernels import gated_delta as kg
+
+    out = []
+    D = 128  # Qwen3.5 0.8B / 9B / 27B: linear_key_head_dim = linear_value_head_dim = 128; T = γ+1 is runtime
+    cfg = kg._config(D, D)
+    tag = f"Dk=Dv={D} BLOCK_K={cfg['BLOCK_K']} BLOCK_V={cfg['BLOCK_V']}"
+    for dt in ("bf16", "fp32"):
+        for commit in (False, True):
+            out.append(_v("gated_delta", "_gated_delta_kernel", f"{dt} {tag} {'commit' if commit else 'verify'} l2norm",
+                          dict(USE_L2NORM=True, COMMIT=commit, **cfg), dtype=dt))
+    out.append(_v("gated_delta", "_gated_delta_kernel", f"bf16 {tag} verify no-l2norm",
+                  dict(USE_L2NORM=False, COMMIT=False, **cfg), dtype="bf16"))
     return out
 
 
@@ -264,7 +287,7 @@ def compile_variant(v: Variant, cc: int = 90) -> dict:
     return row
 
 
-def report(archs=(90,), families=("verify", "scoring", "kv"), *, sm80_subset: bool = True) -> list[dict]:
+def report(archs=(90,), families=ALL_FAMILIES, *, sm80_subset: bool = True) -> list[dict]:
     """Compile every variant for each ``sm_<cc>`` in ``archs``; a list of :func:`compile_variant` rows.
 
     Needs ptxas (``ptxas_path``). Runs in a child process with the interpreter off when it is on here.
@@ -338,7 +361,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="90", help="comma list of compute capabilities, e.g. 90,80")
-    p.add_argument("--family", default="verify,scoring,kv")
+    p.add_argument("--family", default=",".join(ALL_FAMILIES))
     p.add_argument("--json", action="store_true", help="print the rows as one JSON line")
     p.add_argument("--all-archs-full", action="store_true", help="every variant on every arch")
     args = p.parse_args(argv)

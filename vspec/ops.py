@@ -22,6 +22,9 @@ __all__ = [
     "verify_sampling",
     "verify_loose",
     "compact_kv_",
+    "gated_delta_verify",
+    "gated_delta_commit",
+    "causal_conv_state_commit",
     "backend_for",
 ]
 
@@ -552,3 +555,168 @@ def _check_compact_kv_values(src_idx: torch.Tensor, dst_start, S: int) -> None:
         b, jj = (int(v) for v in torch.nonzero(bad)[0])
         raise ValueError(f"src_idx must be strictly ascending among its valid (>= 0) entries, got row {b}: "
                          f"{src[b].tolist()} (entry {jj})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Gated DeltaNet verify step and rollback (kernels/gated_delta.py)
+# --------------------------------------------------------------------------------------------------
+
+_GDN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _gdn_check(q, k, v, g, beta, state, scale, use_qk_l2norm):
+    """Checks shared by gated_delta_verify / gated_delta_commit; returns (B, T, Hk, Dk, Hv, Dv)."""
+    import math
+    import numbers
+
+    for name, t in (("q", q), ("k", k), ("v", v), ("state", state)):
+        _check_tensor(name, t, ndim=4, floating=True)
+    for name, t in (("g", g), ("beta", beta)):
+        _check_tensor(name, t, ndim=3, floating=True)
+    if q.dtype not in _GDN_DTYPES:
+        raise TypeError(f"q must be float32, bfloat16 or float16, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+    for name, t in (("g", g), ("beta", beta)):
+        if t.dtype not in _GDN_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if state.dtype != torch.float32:
+        raise TypeError(f"state must be float32 (the recurrent state is kept in float32), got {state.dtype}")
+    B, T, Hk, Dk = q.shape
+    if tuple(k.shape) != tuple(q.shape):
+        raise ValueError(f"k must be [B, T, Hk, Dk] = {tuple(q.shape)} like q, got {tuple(k.shape)}")
+    if T < 1 or Hk < 1 or Dk < 1:
+        raise ValueError(f"q must be [B, T, Hk, Dk] with T, Hk, Dk >= 1, got {tuple(q.shape)}")
+    if v.shape[0] != B or v.shape[1] != T:
+        raise ValueError(f"v must be [B, T, Hv, Dv] with B={B}, T={T} from q {tuple(q.shape)}, got {tuple(v.shape)}")
+    Hv, Dv = v.shape[2], v.shape[3]
+    if Hv < 1 or Dv < 1 or Hv % Hk != 0:
+        raise ValueError(f"v heads must be a positive multiple of the q/k heads (Hv % Hk == 0), got Hv={Hv} from v "
+                         f"{tuple(v.shape)} and Hk={Hk} from q {tuple(q.shape)}")
+    for name, t in (("g", g), ("beta", beta)):
+        if tuple(t.shape) != (B, T, Hv):
+            raise ValueError(f"{name} must be [B, T, Hv] = {(B, T, Hv)}, got {tuple(t.shape)}")
+    if tuple(state.shape) != (B, Hv, Dk, Dv):
+        raise ValueError(f"state must be [B, Hv, Dk, Dv] = {(B, Hv, Dk, Dv)}, got {tuple(state.shape)}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+    if not isinstance(use_qk_l2norm, bool):
+        raise TypeError(f"use_qk_l2norm must be a bool, got {type(use_qk_l2norm).__name__}")
+    return B, T, Hk, Dk, Hv, Dv
+
+
+def _gdn_check_accept_len(accept_len, B: int, T: int, check) -> None:
+    _check_tensor("accept_len", accept_len, ndim=1, integer=True)
+    if accept_len.shape[0] != B:
+        raise ValueError(f"accept_len must be [B] = [{B}], got {tuple(accept_len.shape)}")
+    if check is None:
+        check = os.environ.get("VSPEC_DEBUG", "") == "1"
+    if check and accept_len.numel() > 0:
+        lo, hi = (int(x) for x in torch.aminmax(accept_len))
+        if lo < 0 or hi >= T:
+            raise ValueError(f"accept_len values must lie in [0, T={T}) (accepted draft tokens of T = γ+1 verify "
+                             f"tokens), got min {lo} and max {hi}")
+
+
+def gated_delta_verify(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=True):
+    """Verify step of a Gated DeltaNet layer (Qwen3.5 ``linear_attention``): outputs of the T = γ+1 verify tokens.
+
+    Phase 1 of a two-phase API; phase 2 is :func:`gated_delta_commit`. Per row b and value head h, from the
+    recurrent state ``S = state[b, h]`` (``[Dk, Dv]``), for t = 0 .. T−1, in float32::
+
+        q_t, k_t = l2norm(q[b, t, h // (Hv // Hk)]), l2norm(k[b, t, h // (Hv // Hk)])   # if use_qk_l2norm
+        S = S · exp(g[b, t, h])
+        delta = (v[b, t, h] − k_tᵀ S) · beta[b, t, h]
+        S = S + k_t ⊗ delta
+        o[b, t, h] = (q_t · scale)ᵀ S
+
+    exactly transformers' ``torch_recurrent_gated_delta_rule`` (qwen3_5): ``l2norm(x) = x · rsqrt(Σx² + 1e-6)``
+    over Dk, then q divided by ``sqrt(Dk)`` (``scale=None``) or multiplied by ``scale``; GQA-style heads
+    (``repeat_interleave``: value head h reads q/k head ``h // (Hv // Hk)``).
+
+    q, k: ``[B, T, Hk, Dk]`` float32/bfloat16/float16 (any strides; the layer's split views are fine).
+    v: ``[B, T, Hv, Dv]`` same dtype, ``Hv % Hk == 0``. g (log-decay, ≤ 0 in the model) and beta: ``[B, T, Hv]``
+    float32/bfloat16/float16. state: ``[B, Hv, Dk, Dv]`` float32, NOT modified.
+    Returns o ``[B, T, Hv, Dv]`` in q's dtype.
+
+    Rollback design: the verify writes no state at all. After acceptance, :func:`gated_delta_commit` replays the
+    first ``accept_len[b] + 1`` tokens of each row from the same ``state`` (keep q, k, v, g, beta of the verify:
+    ~150 KB per row and layer at 27B, bf16, T = 7) and writes only that one state, in place if wanted.
+    Bytes per round and row at Qwen3.5-27B (48 GDN layers, Hv = 48, Dk = Dv = 128: 3 MiB of float32 state per
+    layer): verify reads 3 MiB, commit reads 3 and writes 3 MiB: 9 MiB per layer, 432 MiB per round,
+    independent of γ, and no extra buffer. Storing the state after every token instead (``[B, T, Hv, Dk, Dv]``)
+    writes T·3 MiB per layer and copies one back: 30 MiB per layer at T = 7 (1.41 GiB per round, 1 GiB of
+    buffer), 60 MiB at T = 17 (2.81 GiB per round): 3.3× to 6.7× the traffic. The replay's compute
+    (≤ 4·T·Dk·Dv·Hv FMAs) is negligible against that.
+    """
+    _gdn_check(q, k, v, g, beta, state, scale, use_qk_l2norm)
+    _check_same_device(q=q, k=k, v=v, g=g, beta=beta, state=state)
+    if backend_for(q, k, v, g, beta, state) == "triton":
+        from .kernels import gated_delta as impl
+    else:
+        from .kernels import reference as impl
+    return impl.gated_delta_verify(q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm)
+
+
+def gated_delta_commit(q, k, v, g, beta, state, accept_len, *, scale=None, use_qk_l2norm=True, out=None,
+                       check=None):
+    """Phase 2 of :func:`gated_delta_verify`: the recurrent state after each row's accepted prefix.
+
+    Same q, k, v, g, beta, state, scale and use_qk_l2norm as the verify call, plus accept_len ``[B]`` integer in
+    ``[0, T)``: the number of accepted draft tokens of row b. Returns float32 ``[B, Hv, Dk, Dv]``, the state after
+    the first ``accept_len[b] + 1`` verify tokens (the last committed token and the accepted drafts), i.e. what
+    the recurrence over only those tokens yields; equal (to float32 rounding) to running the verify tokens one
+    by one. ``out``: float32 ``[B, Hv, Dk, Dv]`` to write into, may be ``state`` itself (in-place commit: each
+    program reads its state block completely before overwriting it). check: verify ``0 <= accept_len < T``
+    (one host sync); default ``VSPEC_DEBUG=1``. Unchecked, the kernel clamps the length to ``[1, T]`` tokens.
+    """
+    B, T, _, _, _, _ = _gdn_check(q, k, v, g, beta, state, scale, use_qk_l2norm)
+    _gdn_check_accept_len(accept_len, B, T, check)
+    if out is not None:
+        _check_tensor("out", out, ndim=4)
+        if out.dtype != torch.float32:
+            raise TypeError(f"out must be float32, got {out.dtype}")
+        if tuple(out.shape) != tuple(state.shape):
+            raise ValueError(f"out must be [B, Hv, Dk, Dv] = {tuple(state.shape)} like state, got {tuple(out.shape)}")
+    _check_same_device(q=q, k=k, v=v, g=g, beta=beta, state=state, accept_len=accept_len, out=out)
+    if backend_for(q, k, v, g, beta, state, accept_len, out) == "triton":
+        from .kernels import gated_delta as impl
+    else:
+        from .kernels import reference as impl
+    return impl.gated_delta_commit(q, k, v, g, beta, state, accept_len, scale=scale, use_qk_l2norm=use_qk_l2norm,
+                                   out=out)
+
+
+def causal_conv_state_commit(conv_state, x, accept_len, *, out=None, check=None):
+    """Rollback of a Gated DeltaNet layer's short causal-conv window to each row's accepted prefix.
+
+    conv_state ``[B, C, W]``: the last W conv inputs before the verify step (transformers' layout: W =
+    ``linear_conv_kernel_dim`` columns, oldest first); x ``[B, C, T]``: the T verify tokens' pre-conv inputs
+    (``mixed_qkv`` transposed, as the layer feeds its conv); accept_len ``[B]`` integer in ``[0, T)``.
+    Returns ``[B, C, W]`` (conv_state's dtype): the last W columns of ``cat(conv_state, x[b, :, :accept_len[b]+1])``
+    per row; into ``out`` when given (may be ``conv_state``). Pure torch on every backend (one gather of
+    B·C·W elements: no kernel needed). check: verify the accept_len range (one host sync); default
+    ``VSPEC_DEBUG=1``.
+    """
+    _check_tensor("conv_state", conv_state, ndim=3, floating=True)
+    _check_tensor("x", x, ndim=3, floating=True)
+    B, C, W = conv_state.shape
+    if x.shape[0] != B or x.shape[1] != C or x.shape[2] < 1:
+        raise ValueError(f"x must be [B, C, T] with B={B}, C={C} from conv_state {tuple(conv_state.shape)} and "
+                         f"T >= 1, got {tuple(x.shape)}")
+    if W < 1:
+        raise ValueError(f"conv_state must hold W >= 1 columns, got {tuple(conv_state.shape)}")
+    _gdn_check_accept_len(accept_len, B, x.shape[2], check)
+    if out is not None:
+        _check_tensor("out", out, ndim=3)
+        if out.dtype != conv_state.dtype or tuple(out.shape) != tuple(conv_state.shape):
+            raise ValueError(f"out must be {conv_state.dtype} {tuple(conv_state.shape)} like conv_state, got "
+                             f"{out.dtype} {tuple(out.shape)}")
+    _check_same_device(conv_state=conv_state, x=x, accept_len=accept_len, out=out)
+    from .kernels import reference
+
+    return reference.causal_conv_state_commit(conv_state, x, accept_len, out=out)

@@ -25,7 +25,7 @@ SMEM_LIMIT = {"sm_90a": 227 * 1024, "sm_80": 163 * 1024}
 
 @pytest.fixture(scope="module")
 def rows():
-    return kernel_report.report(archs=(90, 80), families=("verify", "scoring", "kv", "probe"))
+    return kernel_report.report(archs=(90, 80), families=kernel_report.ALL_FAMILIES + ("probe",))
 
 
 def _kernel_rows(rows):
@@ -62,7 +62,7 @@ def test_variants_cover_every_kernel_and_the_shapes_that_matter():
     import importlib
 
     vs = kernel_report.variants()
-    for family in ("verify", "scoring", "kv"):
+    for family in kernel_report.ALL_FAMILIES:
         mod = importlib.import_module(f"vspec.kernels.{family}")
         kernels = {n for n in vars(mod) if n.startswith("_") and n.endswith("_kernel")}
         covered = {v.kernel for v in vs if v.family == family}
@@ -75,6 +75,9 @@ def test_variants_cover_every_kernel_and_the_shapes_that_matter():
     assert max(v.constexprs["BLOCK_N"] for v in tree) >= MAX_TREE_NODES
     assert any(v.pointers.get("par_ptr") == "i32" for v in tree)  # the int32-parents regression
     assert max(v.constexprs["BLOCK_R"] for v in vs if v.kernel == "_loose_accept_kernel") >= 32
+    gdn = [v for v in vs if v.kernel == "_gated_delta_kernel"]  # Qwen3.5's real head dims, both phases
+    assert {(v.dtype, v.constexprs["COMMIT"]) for v in gdn} >= {(d, c) for d in ("bf16", "fp32") for c in (False, True)}
+    assert all(v.constexprs["BLOCK_K"] == 128 and v.hot for v in gdn)
 
 
 def test_sm80_compiles_one_variant_per_kernel(rows):

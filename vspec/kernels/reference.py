@@ -332,3 +332,83 @@ def verify_loose(logits, draft_tokens, strict_mask, *, top_k=3, min_prob_ratio=0
     if return_loose:
         return accept_len, tokens, loose & (pos[None] < accept_len[:, None])
     return accept_len, tokens
+
+
+# ---- gated delta rule (Qwen3.5 linear-attention layers) ----
+# Specification of vspec.ops.gated_delta_verify / gated_delta_commit / causal_conv_state_commit. Written from
+# the recurrence, in the order of operations of transformers' torch_recurrent_gated_delta_rule (qwen3_5): the
+# q/k heads are repeated (repeat_interleave) to the value heads, everything goes to float32, q and k are
+# l2-normalised with rsqrt(Σx² + 1e-6), q is divided by sqrt(Dk) (or multiplied by an explicit scale), and per
+# token: S = S·exp(g); kv_mem = kᵀS; delta = (v − kv_mem)·beta; S = S + k ⊗ delta; o = qᵀS.
+
+
+def _gated_delta_run(q, k, v, g, beta, state, n_tok, scale, use_qk_l2norm):
+    """``(o [B, T, Hv, Dv] float32, S [B, Hv, Dk, Dv] float32)``; row b's state stops after ``n_tok[b]`` tokens
+    (all T when ``n_tok`` is None). o is computed for every token (from the running state)."""
+    B, T, Hk, Dk = q.shape
+    Hv = v.shape[2]
+    if Hv != Hk:
+        q = q.repeat_interleave(Hv // Hk, dim=2)
+        k = k.repeat_interleave(Hv // Hk, dim=2)
+    q, k, v, beta, g = (x.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+                        for x in (q, k, v, beta, g))  # [B, Hv, T, ...]
+    if use_qk_l2norm:
+        q = q * torch.rsqrt((q * q).sum(dim=-1, keepdim=True) + 1e-6)
+        k = k * torch.rsqrt((k * k).sum(dim=-1, keepdim=True) + 1e-6)
+    q = q / (Dk ** 0.5) if scale is None else q * float(scale)
+    S = state.to(torch.float32)
+    o = torch.zeros_like(v)
+    for t in range(T):
+        q_t, k_t, v_t = q[:, :, t], k[:, :, t], v[:, :, t]
+        S_t = S * g[:, :, t].exp()[..., None, None]
+        kv_mem = (S_t * k_t.unsqueeze(-1)).sum(dim=-2)
+        delta = (v_t - kv_mem) * beta[:, :, t].unsqueeze(-1)
+        S_t = S_t + k_t.unsqueeze(-1) * delta.unsqueeze(-2)
+        o[:, :, t] = (S_t * q_t.unsqueeze(-1)).sum(dim=-2)
+        S = S_t if n_tok is None else torch.where((t < n_tok).reshape(B, 1, 1, 1), S_t, S)
+    return o.transpose(1, 2), S
+
+
+def gated_delta_verify(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=True):
+    """Outputs of the gated delta rule over all T tokens of every row, from ``state`` (not modified).
+
+    q, k ``[B, T, Hk, Dk]``; v ``[B, T, Hv, Dv]`` (``Hv % Hk == 0``; value head h reads key head
+    ``h // (Hv // Hk)``); g (log-decay) and beta ``[B, T, Hv]``; state ``[B, Hv, Dk, Dv]`` float32.
+    Returns o ``[B, T, Hv, Dv]`` in q's dtype (computed in float32).
+    """
+    o, _ = _gated_delta_run(q, k, v, g, beta, state, None, scale, use_qk_l2norm)
+    return o.to(q.dtype)
+
+
+def gated_delta_commit(q, k, v, g, beta, state, accept_len, *, scale=None, use_qk_l2norm=True, out=None):
+    """The state after the first ``accept_len[b] + 1`` of the T tokens of row b: float32 ``[B, Hv, Dk, Dv]``.
+
+    Same arguments as :func:`gated_delta_verify` plus accept_len ``[B]`` integer in ``[0, T)``. Written into
+    ``out`` (float32 ``[B, Hv, Dk, Dv]``, may be ``state`` itself) when given, and returned.
+    """
+    n_tok = accept_len.to(device=state.device, dtype=torch.int64) + 1
+    _, S = _gated_delta_run(q, k, v, g, beta, state, n_tok, scale, use_qk_l2norm)
+    if out is None:
+        return S
+    out.copy_(S)
+    return out
+
+
+def causal_conv_state_commit(conv_state, x, accept_len, *, out=None):
+    """The causal-conv window after the first ``accept_len[b] + 1`` of the T new inputs of row b.
+
+    conv_state ``[B, C, W]``: the last W inputs before the verify step (transformers keeps W =
+    ``linear_conv_kernel_dim`` columns, oldest first); x ``[B, C, T]``: the T new (pre-conv) inputs, in the
+    layout the layer feeds its conv (``mixed_qkv.transpose(1, 2)``); accept_len ``[B]`` integer in ``[0, T)``.
+    Returns ``[B, C, W]`` in conv_state's dtype: the last W columns of ``cat(conv_state, x[:, :, :a+1])`` per row
+    (into ``out`` when given; ``out`` may be ``conv_state``).
+    """
+    B, C, W = conv_state.shape
+    full = torch.cat([conv_state, x.to(conv_state.dtype)], dim=-1)  # [B, C, W + T]
+    start = accept_len.to(device=conv_state.device, dtype=torch.int64) + 1  # first kept column of `full`
+    idx = (start[:, None] + torch.arange(W, device=conv_state.device)[None, :])  # [B, W]
+    window = full.gather(-1, idx[:, None, :].expand(B, C, W))
+    if out is None:
+        return window
+    out.copy_(window)
+    return out
