@@ -133,3 +133,17 @@ def test_cli_max_pixels_caps_the_frames(saved, clips, capsys, tmp_path):
                "--prompt", PROMPTS[0], "--max-new-tokens", "4", "--device", "cpu", "--max-pixels", str(56 * 84)])
     stats = capsys.readouterr().out.strip().splitlines()[-1]
     assert rc == 0 and "video: 4 of 8 frames" in stats and "84x56 px" in stats, stats
+
+
+def test_demo_pixel_layout_matches_transformers_processor():
+    """The demo's own patching (vspec.demo.video_patches) lays pixels out exactly as transformers' Qwen2-VL video
+    processor does (moved here from tests/demo/test_demo_task.py: the processor needs torchvision)."""
+    from transformers import Qwen2VLVideoProcessor
+
+    from vspec.demo import clip_seed, make_clip, video_patches
+
+    frames, _ = make_clip(clip_seed("test", 1))
+    proc = Qwen2VLVideoProcessor()
+    out = proc(videos=[frames], do_resize=False, do_rescale=False, return_tensors="pt", cap_pixels_per_frame=False)
+    assert out["video_grid_thw"].tolist() == [[4, 8, 8]]
+    torch.testing.assert_close(out["pixel_values_videos"], video_patches(frames), atol=1e-5, rtol=1e-5)

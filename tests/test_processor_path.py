@@ -27,7 +27,7 @@ from vspec.testing import QWEN_SPECIAL_TOKENS, tiny_qwen_tokenizer, write_video
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = "tests/processor_path_cases.py"
-N_CASES = 11  # processor inputs: 2 families x (b1, b3); apply_chat_template: 2 families; vspec generate: 4 + max-pixels
+N_CASES = 12  # processor inputs: 2 families x (b1, b3); chat template: 2; vspec generate: 4 + max-pixels; demo layout
 PRIVATE_TORCHVISION = ROOT / ".ci" / ".torchvision"
 SHIM = ROOT / "tests" / "_torchvision_cpu"
 PREPARE = ".ci/install-torchvision"

@@ -93,17 +93,6 @@ def test_pixel_layout_matches_processor_layout():
             assert bool(merged[slot, k].abs().sum() > 0) == (divmod(k, 4) in occupied)
 
 
-def test_pixel_layout_matches_transformers_processor():
-    pytest.importorskip("torchvision")
-    from transformers import Qwen2VLVideoProcessor
-
-    frames, _ = make_clip(clip_seed("test", 1))
-    proc = Qwen2VLVideoProcessor()
-    out = proc(videos=[frames], do_resize=False, do_rescale=False, return_tensors="pt", cap_pixels_per_frame=False)
-    assert out["video_grid_thw"].tolist() == [[4, 8, 8]]
-    torch.testing.assert_close(out["pixel_values_videos"], video_patches(frames), atol=1e-5, rtol=1e-5)
-
-
 def test_tokenizer_round_trip(tmp_path):
     tok = WordTokenizer.for_task()
     assert tok.vocab_size == 8 + len(WORDS)
