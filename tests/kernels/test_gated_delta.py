@@ -46,7 +46,15 @@ def _inputs(B, T, Hk, Hv, Dk, Dv, dtype=torch.float32, device="cpu"):
     return (*cast, g.to(device), beta.to(device=device, dtype=dtype), state.to(device))
 
 
+def _grouped(q, k, v):
+    """q, k repeated to the value heads, value head h reading key head h // (Hv / Hk): the layer does this before
+    the rule in transformers 5.17, the rule itself in 5.24 (a no-op there once repeated)."""
+    rep = v.shape[2] // k.shape[2]
+    return q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
+
+
 def _hf_recurrent(q, k, v, g, beta, state, *, l2norm=True):
+    q, k = _grouped(q, k, v)
     o, s = hf_qwen35.torch_recurrent_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=state.clone(),
                                                       output_final_state=True, use_qk_l2norm_in_kernel=l2norm)
     return o, s
@@ -82,8 +90,9 @@ def test_reference_equals_token_by_token_decode_and_chunked_prefill():
         o_t, s = _hf_recurrent(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1], beta[:, t:t + 1], s)
         torch.testing.assert_close(o[:, t:t + 1], o_t, rtol=0, atol=0)
     torch.testing.assert_close(ref.gated_delta_commit(q, k, v, g, beta, state, torch.full((2,), 8)), s, rtol=0, atol=0)
-    o_c, s_c = hf_qwen35.torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=state.clone(),
-                                                      output_final_state=True, use_qk_l2norm_in_kernel=True)
+    o_c, s_c = hf_qwen35.torch_chunk_gated_delta_rule(*_grouped(q, k, v), v, g=g, beta=beta,
+                                                      initial_state=state.clone(), output_final_state=True,
+                                                      use_qk_l2norm_in_kernel=True)
     torch.testing.assert_close(o, o_c, **F32_TOL)
     torch.testing.assert_close(s, s_c, **F32_TOL)
 
