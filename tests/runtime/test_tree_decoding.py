@@ -18,8 +18,9 @@ from vspec.kernels import reference as ref_ops
 from vspec.runtime import steps
 from vspec.runtime.models import get_adapter
 from vspec.runtime.state import ModelState
-from vspec.runtime.trees import TreeBuffers, TreeLevels, tree_from_choices
+from vspec.runtime.trees import TreeLevels, tree_from_choices
 from vspec.testing import make_inputs, perturbed_copy, tiny_model
+from vspec.testing_trees import TreeBuffers
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision"]
 # Static tree holding the greedy chain (0,), (0,0), (0,0,0) plus side branches.
