@@ -46,7 +46,8 @@ class SpecDecoder:
 
     ``generate(**processor_inputs, max_new_tokens, do_sample, ...)`` returns :class:`SpecOutput`. With greedy
     decoding the sequences equal ``target.generate(do_sample=False)`` token for token, for every batch row; with
-    sampling they follow the target's distribution.
+    sampling they follow the target's distribution. Immutable after construction (threads may share it): each call's
+    state lives in the :class:`~vspec.runtime.loop.CallState` that ``generate`` creates and hands to the schedule.
     """
 
     def __init__(self, target, draft, config: SpecConfig | None = None, *, tokenizer=None):

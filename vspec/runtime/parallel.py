@@ -72,9 +72,10 @@ from .devices import input_device
 from .draft_side import DraftSide, DraftSideState
 from .loop import CallState, DecodeState, DraftView
 from .models import Prompt
-from .prefill import PrefillPlan
+from .prefill import Prefill, PrefillPlan
 from .schedules import Schedule
 from .state import ModelState
+from .steps import RoundSteps
 
 PRE_MODES = ("pre", "pearl")
 POST_MODES = ("post", "pearl")
@@ -179,14 +180,13 @@ class _Timer:
 class ParallelSchedule(Schedule):
     """One ``generate`` call's parallel schedule (built by ``SpecDecoder.generate`` when ``config.parallel``)."""
 
-    def __init__(self, steps, prefill, generator):
+    def __init__(self, steps: RoundSteps, prefill: Prefill, generator):
         super().__init__(steps, prefill)
-        self.cfg = steps.config
         # input_device, not .device: a dispatched target's first parameter may be offloaded (on meta)
         self.side = DraftSide(input_device(steps.target), input_device(steps.draft))
         self.timer = _Timer(self.side)
-        self.pre = self.cfg.parallel_mode in PRE_MODES
-        self.post = self.cfg.parallel_mode in POST_MODES
+        self.pre = self.config.parallel_mode in PRE_MODES
+        self.post = self.config.parallel_mode in POST_MODES
         self.gen_d = generator
         if generator is not None and torch.device(generator.device) != self.side.device:
             # a draft on a second device draws from its own generator, seeded from the caller's
@@ -216,11 +216,11 @@ class ParallelSchedule(Schedule):
     # ---- decode -------------------------------------------------------------------------------------------
     def gamma_from_ratio(self, ratio: float) -> int:
         """γ for a target/draft cost ratio (SpecConfig.adaptive_draft_len)."""
-        g = round(ratio) - (1 if self.cfg.parallel_mode == "post" else 0)
-        return max(1, min(self.cfg.draft_len, g))
+        g = round(ratio) - (1 if self.config.parallel_mode == "post" else 0)
+        return max(1, min(self.config.draft_len, g))
 
     def decode(self, prompt, target, draft, first, call):
-        cfg, steps, stats = self.cfg, self.steps, call.stats
+        cfg, steps, stats = self.config, self.steps, call.stats
         gamma = cfg.draft_len
         warmup = 0
         if cfg.adaptive_draft_len:
