@@ -183,7 +183,7 @@ class RoundTimes:
 
 @contextlib.contextmanager
 def round_clock(dec: SpecDecoder, cuda: bool, rounds: list):
-    """Wraps SpecDecoder's step methods (from outside: the library has no timers) and appends one dict of stamps
+    """Wraps the round steps (``RoundSteps``, from outside: the library has no timers) and appends one dict of stamps
     per decode round to ``rounds``: start/draft_end, target forward start/end, verify start/end, end."""
     saved = []
     current: dict = {}
