@@ -54,7 +54,7 @@ import transformers  # noqa: E402
 
 from vspec import SpecConfig, SpecDecoder, TreeConfig, ops  # noqa: E402
 from vspec import __version__ as vspec_version  # noqa: E402
-from vspec.runtime import engine  # noqa: E402
+from vspec.runtime import steps  # noqa: E402
 from vspec.runtime.state import ModelState  # noqa: E402
 from vspec.testing import (  # noqa: E402
     BOS_ID,
@@ -183,7 +183,7 @@ class RoundTimes:
 
 @contextlib.contextmanager
 def round_clock(dec: SpecDecoder, cuda: bool, rounds: list):
-    """Wraps SpecDecoder's step methods (from outside: the library has no timers) and appends one dict of stamps
+    """Wraps the round steps (``RoundSteps``, from outside: the library has no timers) and appends one dict of stamps
     per decode round to ``rounds``: start/draft_end, target forward start/end, verify start/end, end."""
     saved = []
     current: dict = {}
@@ -216,13 +216,13 @@ def round_clock(dec: SpecDecoder, cuda: bool, rounds: list):
 
     is_target = lambda args: args[0].model is dec.target  # noqa: E731
     try:
-        for name in ("_draft_chain", "_draft_tree"):
-            patch(engine.SpecDecoder, name, start, stamp("draft_end"))
-        patch(engine.SpecDecoder, "_target_chain", stamp("tgt_start"), stamp("tgt_end"))
+        for name in ("draft_chain", "draft_tree"):
+            patch(steps.RoundSteps, name, start, stamp("draft_end"))
+        patch(steps.RoundSteps, "target_forward", stamp("tgt_start"), stamp("tgt_end"))
         patch(ModelState, "forward_tree", stamp("tgt_start"), stamp("tgt_end"), when=is_target)
         for name in ("verify_greedy", "verify_tree_greedy", "verify_sampling", "verify_loose"):
             patch(ops, name, stamp("ver_start"), stamp("ver_end"))
-        patch(engine.SpecDecoder, "_end_round", None, end)
+        patch(steps.RoundSteps, "end_round", None, end)
         yield
     finally:
         for owner, name, orig in reversed(saved):
@@ -258,7 +258,7 @@ def timed(fn, cuda: bool, repeats: int):
 
 
 def count_syncs_per_round(dec: SpecDecoder, inputs, max_new_tokens: int) -> float:
-    """Mean CUDA synchronisations per decode round (draft step to the end of ``_end_round``; every source,
+    """Mean CUDA synchronisations per decode round (draft step to the end of ``end_round``; every source,
     transformers' included), from torch's sync debug mode."""
     marks: list = []
     caught: list = []
@@ -279,9 +279,9 @@ def count_syncs_per_round(dec: SpecDecoder, inputs, max_new_tokens: int) -> floa
         setattr(owner, name, wrapped)
 
     try:
-        patch(engine.SpecDecoder, "_draft_chain", True)
-        patch(engine.SpecDecoder, "_draft_tree", True)
-        patch(engine.SpecDecoder, "_end_round", False)
+        patch(steps.RoundSteps, "draft_chain", True)
+        patch(steps.RoundSteps, "draft_tree", True)
+        patch(steps.RoundSteps, "end_round", False)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")

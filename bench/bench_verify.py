@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from vspec import __version__ as vspec_version  # noqa: E402
 from vspec.kernels import reference as ref  # noqa: E402
-from vspec.runtime.trees import TreeBuffers, topk_tree  # noqa: E402
+from vspec.testing_trees import TreeBuffers, topk_tree  # noqa: E402
 
 VOCABS = (151_936, 152_064)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -3,8 +3,8 @@
 No GPU is needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` lowers a kernel to PTX
 and the ptxas bundled with the Triton wheel assembles it; ``ptxas -v`` on that PTX reports registers and
 spill bytes, Triton's metadata the shared memory. ``VARIANTS`` is the one list of what is compiled, built from
-the launchers' own configuration helpers (``verify._block_v`` / ``_tree_config``, ``scoring._mass_config`` /
-``_frame_config``, ``kv._default_blocks``, ``gated_delta._config``), so the compile test
+the launchers' own configuration helpers (``verify.pick_block_v`` / ``tree_config``, ``scoring.mass_config`` /
+``frame_config``, ``kv.default_blocks``, ``gated_delta.config``), so the compile test
 (tests/kernels/test_compile.py) and the benches (``python -m vspec bench kernels``) see the variants the ops
 really launch. ``hot`` marks the variants on the decoding path at the shapes of real models (V ≈ 152k, head
 dims 64–256, γ ≤ 31, trees up to ``MAX_TREE_NODES``, Gated DeltaNet states 128×128); these must not spill.
@@ -105,7 +105,7 @@ def _verify_variants() -> list[Variant]:
 
     out = []
     V = 151_936  # Qwen2/2.5-VL vocabulary
-    BLOCK_V = kv._block_v(V, None)
+    BLOCK_V = kv.pick_block_v(V, None)
     NB = triton.cdiv(V, BLOCK_V)
     BLOCK_NB = triton.next_power_of_2(NB)
     flags = {"greedy": (False, False, False), "sumexp": (True, False, False), "rank+top3": (False, True, True)}
@@ -114,14 +114,14 @@ def _verify_variants() -> list[Variant]:
             s, r, t = flags[name]
             out.append(_v("verify", "_block_stats_kernel", f"{dt} V={V} BLOCK_V={BLOCK_V} {name}",
                           dict(BLOCK_V=BLOCK_V, WITH_SUMEXP=s, WITH_RANK=r, WITH_TOP3=t), dtype=dt,
-                          num_warps=kv._warps(BLOCK_V)))
+                          num_warps=kv.warps_for(BLOCK_V)))
     big_v = 262_208  # Gemma-3's vocabulary: V > 64 · 4096 doubles the default BLOCK_V
-    bv = kv._block_v(big_v, None)
+    bv = kv.pick_block_v(big_v, None)
     out.append(_v("verify", "_block_stats_kernel", f"bf16 V={big_v} BLOCK_V={bv} rank+top3",
                   dict(BLOCK_V=bv, WITH_SUMEXP=False, WITH_RANK=True, WITH_TOP3=True), dtype="bf16",
-                  num_warps=kv._warps(bv)))
+                  num_warps=kv.warps_for(bv)))
     for R in (7, 32):  # γ + 1: the default draft_len 6, and up to 32
-        cfg = kv._rows_config(R, NB)
+        cfg = kv.rows_config(R, NB)
         tag = f"BLOCK_R={cfg['BLOCK_R']} BLOCK_NB={cfg['BLOCK_NB']}"
         out.append(_v("verify", "_greedy_chain_kernel", tag, cfg))
         out.append(_v("verify", "_sampling_accept_kernel", f"bf16 {tag}", cfg, dtype="bf16"))
@@ -129,16 +129,16 @@ def _verify_variants() -> list[Variant]:
                       dict(WITH_RANK=True, WITH_GATE=True, **cfg), dtype="bf16"))
     n = 16
     while n <= MAX_TREE_NODES:
-        cfg = kv._tree_config(n, NB)
+        cfg = kv.tree_config(n, NB)
         out.append(_v("verify", "_greedy_tree_kernel", f"N<={n} BLOCK_NB={cfg['BLOCK_NB']} parents i64", cfg))
         n *= 4 if n < 64 else 2
-    cfg = kv._tree_config(64, NB)
+    cfg = kv.tree_config(64, NB)
     out.append(_v("verify", "_greedy_tree_kernel", f"N<=64 BLOCK_NB={cfg['BLOCK_NB']} parents i32", cfg,
                   pointers={"par_ptr": "i32"}))
     out.append(_v("verify", "_draw_mass_kernel", f"bf16 BLOCK_V={BLOCK_V}", dict(BLOCK_V=BLOCK_V), dtype="bf16",
-                  num_warps=kv._warps(BLOCK_V)))
+                  num_warps=kv.warps_for(BLOCK_V)))
     out.append(_v("verify", "_draw_kernel", f"bf16 BLOCK_V={BLOCK_V} BLOCK_NB={BLOCK_NB}",
-                  dict(BLOCK_V=BLOCK_V, BLOCK_NB=BLOCK_NB), dtype="bf16", num_warps=kv._warps(BLOCK_V)))
+                  dict(BLOCK_V=BLOCK_V, BLOCK_NB=BLOCK_NB), dtype="bf16", num_warps=kv.warps_for(BLOCK_V)))
     return out
 
 
@@ -152,7 +152,7 @@ def _scoring_variants() -> list[Variant]:
     for dtype, D in cases:
         dt = _DT[dtype]
         for kernel, cfg, extra in zip(("_mass_lse_partial_kernel", "_mass_accum_kernel"),
-                                      ks._mass_config(dtype, n_rows, D, interpret=False),
+                                      ks.mass_config(dtype, n_rows, D, interpret=False),
                                       (dict(GATHER=True, HAS_MASK=True), dict(HAS_MASK=True))):
             prec = f" {cfg['PRECISION']}" if dtype == torch.float32 else ""
             out.append(_v("scoring", kernel, f"{dt} D={D} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} "
@@ -160,7 +160,7 @@ def _scoring_variants() -> list[Variant]:
     out.append(_v("scoring", "_mass_lse_combine_kernel", "BLOCK_R=1024", dict(BLOCK_R=1024)))
     out.append(_v("scoring", "_mass_finalize_kernel", "BLOCK_N=1024", dict(BLOCK_N=1024)))
     for dtype, C, window in ((torch.bfloat16, 3584, 3), (torch.float32, 3584, 3), (torch.bfloat16, 3584, 5)):
-        cfg = ks._frame_config(C, window)
+        cfg = ks.frame_config(C, window)
         out.append(_v("scoring", "_frame_scores_kernel",
                       f"{_DT[dtype]} window={window} BLOCK_T={cfg['BLOCK_T']} BLOCK_K={cfg['BLOCK_K']} "
                       f"BLOCK_C={cfg['BLOCK_C']}", cfg, dtype=_DT[dtype]))
@@ -172,7 +172,7 @@ def _kv_variants() -> list[Variant]:
 
     out = []
     for dtype, D, K in ((torch.bfloat16, 128, 16384), (torch.float32, 128, 16384), (torch.bfloat16, 80, 16384)):
-        bk, bd = kk._default_blocks(D, K)
+        bk, bd = kk.default_blocks(D, K)
         out.append(_v("kv", "_compact_kv_kernel", f"{_DT[dtype]} D={D} BLOCK_K={bk} BLOCK_D={bd} dst tensor",
                       dict(DST_IS_TENSOR=True, BLOCK_K=bk, BLOCK_D=bd), dtype=_DT[dtype]))
     return out
@@ -183,7 +183,7 @@ def _gated_delta_variants() -> list[Variant]:
 
     out = []
     D = 128  # Qwen3.5 0.8B / 9B / 27B: linear_key_head_dim = linear_value_head_dim = 128; T = γ+1 is runtime
-    cfg = kg._config(D, D)
+    cfg = kg.config(D, D)
     tag = f"Dk=Dv={D} BLOCK_K={cfg['BLOCK_K']} BLOCK_V={cfg['BLOCK_V']}"
     for dt in ("bf16", "fp32"):
         for commit in (False, True):

@@ -846,8 +846,8 @@ def test_block_v_cap(device):
     with pytest.raises(ValueError, match="block_v=64 splits V=5000 into 79 blocks"):
         verify_kernels.verify_greedy(x, d, block_v=64)
     assert torch.equal(verify_kernels.verify_greedy(x, d, block_v=128)[1], x.argmax(-1))
-    assert verify_kernels._block_v(BIG_V, None) == 4096
-    assert triton_cdiv(BIG_V * 4, verify_kernels._block_v(BIG_V * 4, None)) <= verify_kernels.MAX_BLOCKS
+    assert verify_kernels.pick_block_v(BIG_V, None) == 4096
+    assert triton_cdiv(BIG_V * 4, verify_kernels.pick_block_v(BIG_V * 4, None)) <= verify_kernels.MAX_BLOCKS
 
 
 def triton_cdiv(a, b):

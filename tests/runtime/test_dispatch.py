@@ -169,16 +169,16 @@ def test_serial_schedules_with_the_cross_device_draft_state(pairs, schedule, mon
     """A draft on another device than the target gets ``BridgedDraftState`` in the serial schedules (tensors sent
     to the draft's device, logits and extents fetched back). One device here, so the state is forced: the
     copies are no-ops, the bookkeeping around them is what runs."""
-    from vspec.runtime import engine
-    from vspec.runtime.parallel import BridgedDraftState, _Side
+    from vspec.runtime import schedules
+    from vspec.runtime.draft_side import BridgedDraftState, DraftSide
 
     made = []
 
     def bridged(model, adapter, main_device):
-        made.append(BridgedDraftState(model, adapter, _Side(main_device, main_device, streams=False)))
+        made.append(BridgedDraftState(model, adapter, DraftSide(main_device, main_device, streams=False)))
         return made[-1]
 
-    monkeypatch.setattr(engine, "draft_state", bridged)
+    monkeypatch.setattr(schedules, "draft_state", bridged)
     target, dispatched, close, _ = pairs["llava_onevision"]
     inputs, ref = reference(target, "llava_onevision", 3)
     cfg = SpecConfig(compact_holes=2, **PRUNE, **SCHEDULES[schedule])

@@ -26,7 +26,7 @@ def _fast_attention_scoring(monkeypatch, detector):
     """The attention detector calls visual_attention_mass once per draft token and layer; under Triton's CPU
     interpreter that made these tests the slowest of the suite (~110 s). Its kernel equals the reference
     (tests/kernels/test_scoring.py) and the detector still runs through the kernels in
-    test_tree.py::test_one_host_sync_per_round[loose_attention], so here the ops run on the reference."""
+    test_tree_decoding.py::test_one_host_sync_per_round[loose_attention], so here the ops run on the reference."""
     if detector == "attention":
         monkeypatch.setenv("VSPEC_BACKEND", "reference")
 

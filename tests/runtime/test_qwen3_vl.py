@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from vspec import LooseConfig, SpecConfig, SpecDecoder, TreeConfig, ops
-from vspec.runtime.engine import _semantics
 from vspec.runtime.models import get_adapter
+from vspec.runtime.prefill import semantics
 from vspec.runtime.state import padded_indices
 from vspec.testing import (
     QWEN3_TIMESTAMP_IDS,
@@ -116,7 +116,7 @@ def test_positions_are_generates(models, family):
 
 
 def test_temporal_novelty_compares_frames_of_one_video(models):
-    """_semantics scores a Qwen3-VL video over its whole grid: frame t is compared with frame t - 1 of the video."""
+    """semantics scores a Qwen3-VL video over its whole grid: frame t is compared with frame t - 1 of the video."""
     target = models["qwen3_vl"][0]
     inputs = _inputs(target, "video", 1)
     adapter = get_adapter(target)
@@ -125,7 +125,7 @@ def test_temporal_novelty_compares_frames_of_one_video(models):
                                       prompt.positions)[0]
     (span,) = prompt.spans[0]
     visual_idx = padded_indices(prompt.visual_mask)[0]
-    temporal, spatial, frames = _semantics(embeds, prompt.spans[0], visual_idx)
+    temporal, spatial, frames = semantics(embeds, prompt.spans[0], visual_idx)
     tem, spa = ops.frame_semantic_scores(embeds[span.indices()][None].float(), span.grid)
     assert torch.allclose(temporal, tem[0]) and torch.allclose(spatial, spa[0])
     assert (temporal > 0).all()  # one-frame grids would score 0 everywhere

@@ -41,7 +41,7 @@ def _new(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _config(Dk: int, Dv: int, block_v: int | None = None) -> dict:
+def config(Dk: int, Dv: int, block_v: int | None = None) -> dict:
     """Constexprs ``BLOCK_K``, ``BLOCK_V`` of ``_gated_delta_kernel`` (also enumerated by vspec.kernel_report)."""
     block_k = triton.next_power_of_2(Dk)
     if block_v is None:
@@ -164,7 +164,7 @@ def _gated_delta_kernel(
 def _launch(q, k, v, g, beta, state, o, new_state, accept_len, *, scale, use_qk_l2norm, commit, block_v):
     B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[2], v.shape[3]
-    cfg = _config(Dk, Dv, block_v)
+    cfg = config(Dk, Dv, block_v)
     scale = Dk ** -0.5 if scale is None else scale
     grid = (B * Hv, triton.cdiv(Dv, cfg["BLOCK_V"]))
     o_t = o if o is not None else v  # unused pointer in commit mode

@@ -90,7 +90,7 @@ def _compact_kv_kernel(
         tl.store(p_dst, b_kv, mask=m_kv)
 
 
-def _default_blocks(D: int, K: int) -> tuple[int, int]:
+def default_blocks(D: int, K: int) -> tuple[int, int]:
     """Default ``(BLOCK_K, BLOCK_D)`` of the launcher (also enumerated by :mod:`vspec.kernel_report`)."""
     block_d = min(triton.next_power_of_2(D), 64)
     return max(1, min(triton.next_power_of_2(K), 4096 // block_d)), block_d
@@ -133,7 +133,7 @@ def compact_kv_(kv: torch.Tensor, src_idx: torch.Tensor, dst_start: int | torch.
     # programs x chunk: split D to double the programs of small caches (7B: L*2*B*Hkv = 224 columns) and keep
     # ~4k elements per chunk (32 per thread at 4 warps; 8k spilled registers on sm_90, see vspec.kernel_report).
     # Unmeasured on a GPU yet: bench/bench_kv.py sweeps it.
-    default_k, default_d = _default_blocks(D, K)
+    default_k, default_d = default_blocks(D, K)
     block_d = default_d if block_d is None else block_d
     if block_k is None:
         block_k = max(1, min(triton.next_power_of_2(K), 4096 // block_d))

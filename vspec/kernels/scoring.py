@@ -206,7 +206,7 @@ def _mass_finalize_kernel(part, inv_count, out, Hkv, Nv, stride_ob, stride_on, B
 FP32_PRECISION = "tf32x3"
 
 
-def _mass_config(dtype: torch.dtype, n_rows: int, D: int, interpret: bool) -> tuple[dict, dict]:
+def mass_config(dtype: torch.dtype, n_rows: int, D: int, interpret: bool) -> tuple[dict, dict]:
     """Constexprs and warps of ``(_mass_lse_partial_kernel, _mass_accum_kernel)`` for ``n_rows`` packed query
     rows and head dim D. Shared by the launcher and :mod:`vspec.kernel_report` (the compile test).
 
@@ -267,7 +267,7 @@ def visual_attention_mass(q, k, visual_idx, *, scale=None, normalize="visual", a
     inv_count = torch.where(count > 0, 1.0 / count.clamp_min(1.0), torch.zeros_like(count))
 
     n_rows = G * Lq
-    cfg_lse, cfg_acc = _mass_config(q.dtype, n_rows, D, interpreting())
+    cfg_lse, cfg_acc = mass_config(q.dtype, n_rows, D, interpreting())
     BLOCK_M, BLOCK_N = cfg_lse["BLOCK_M"], cfg_lse["BLOCK_N"]
     gather = normalize == "visual"
     n_keys = Nv if gather else S
@@ -385,7 +385,7 @@ def _frame_scores_kernel(
     tl.store(spatial + i_b * stride_sb + o_n * stride_sn, b_spatial, mask=m_n)
 
 
-def _frame_config(C: int, window: int) -> dict:
+def frame_config(C: int, window: int) -> dict:
     """Constexprs of ``_frame_scores_kernel``: a ``[BLOCK_T, BLOCK_K, BLOCK_C]`` partner tile of ~4k lanes."""
     BLOCK_K = min(triton.next_power_of_2(window * window + 1), 32)
     BLOCK_C = min(64, max(16, triton.next_power_of_2(C)))
@@ -397,7 +397,7 @@ def frame_rows_read(grid, window: int) -> int:
     token, its own row once per slot chunk, plus each existing partner once."""
     T, H, W = (int(g) for g in grid)
     r = window // 2
-    chunks = -(-(window * window + 1) // _frame_config(1, window)["BLOCK_K"])
+    chunks = -(-(window * window + 1) // frame_config(1, window)["BLOCK_K"])
     per_frame = 0
     for h in range(H):
         n_h = min(H, h + r + 1) - max(0, h - r)
@@ -422,7 +422,7 @@ def frame_semantic_scores(x, grid, *, window=3, eps=1e-8):
         return temporal, spatial
     if x.stride(-1) != 1:
         x = x.contiguous()
-    cfg = _frame_config(C, int(window))
+    cfg = frame_config(C, int(window))
     _frame_scores_kernel[(B, triton.cdiv(N, cfg["BLOCK_T"]))](
         x, temporal, spatial,
         N, C, T, H, W, float(eps),

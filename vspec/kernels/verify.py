@@ -52,7 +52,7 @@ MAX_BLOCKS = 64
 _PASS_B_TILE = 512
 
 
-def _block_v(V: int, block_v: int | None) -> int:
+def pick_block_v(V: int, block_v: int | None) -> int:
     if block_v is None:
         return max(min(triton.next_power_of_2(V), 4096), triton.next_power_of_2(triton.cdiv(V, MAX_BLOCKS)))
     if block_v < 16 or block_v & (block_v - 1):
@@ -69,19 +69,19 @@ def _nb_chunk(rows: int, NB: int) -> int:
     return max(1, min(triton.next_power_of_2(NB), _PASS_B_TILE // rows))
 
 
-def _rows_config(R: int, NB: int) -> dict:
+def rows_config(R: int, NB: int) -> dict:
     """Constexprs of the chain / sampling / loose pass-B kernels for R = γ+1 rows."""
     BLOCK_R = triton.next_power_of_2(R)
     return dict(BLOCK_R=BLOCK_R, BLOCK_NB=_nb_chunk(BLOCK_R, NB))
 
 
-def _tree_config(N: int, NB: int) -> dict:
+def tree_config(N: int, NB: int) -> dict:
     """Constexprs and warps of ``_greedy_tree_kernel`` for N nodes and NB vocabulary blocks."""
     BLOCK_N = triton.next_power_of_2(N)
     return dict(BLOCK_N=BLOCK_N, BLOCK_NB=_nb_chunk(BLOCK_N, NB), num_warps=8 if BLOCK_N >= 256 else 4)
 
 
-def _warps(block: int) -> int:
+def warps_for(block: int) -> int:
     return 16 if block >= 16384 else 8 if block >= 4096 else 4
 
 
@@ -458,7 +458,7 @@ def _loose_accept_kernel(
 def _stats(x, tok, *, inv_temp=1.0, sumexp=False, rank=False, top3=False, block_v=None):
     """Pass A over ``x [B, R, V]``; returns the partial buffers (unused ones are 1-element dummies)."""
     B, R, V = x.shape
-    BLOCK_V = _block_v(V, block_v)
+    BLOCK_V = pick_block_v(V, block_v)
     NB = triton.cdiv(V, BLOCK_V)
     dev = x.device
     pmax = _new((B * R, NB), torch.float32, dev)
@@ -473,7 +473,7 @@ def _stats(x, tok, *, inv_temp=1.0, sumexp=False, rank=False, top3=False, block_
         R, V, NB, gamma, float(inv_temp),
         x.stride(0), x.stride(1), tok.stride(0), tok.stride(1),
         BLOCK_V=BLOCK_V, WITH_SUMEXP=sumexp, WITH_RANK=rank, WITH_TOP3=top3,
-        num_warps=_warps(BLOCK_V),
+        num_warps=warps_for(BLOCK_V),
     )
     return BLOCK_V, NB, pmax, pidx, psum, pcnt, ptop2, ptop3
 
@@ -492,7 +492,7 @@ def verify_greedy(logits, draft_tokens, *, block_v=None):
         pmax, pidx, draft_tokens, accept_len, target,
         R, NB, V, R - 1,
         draft_tokens.stride(0), draft_tokens.stride(1), target.stride(0),
-        **_rows_config(R, NB),
+        **rows_config(R, NB),
     )
     return accept_len, target
 
@@ -518,7 +518,7 @@ def verify_tree_greedy(logits, tree_tokens, parents, *, width, block_v=None):
         pmax, pidx, tree_tokens, parents, accept_len, path, next_token,
         N, NB, V, width, max(N - 1, 1).bit_length(),
         tree_tokens.stride(0), tree_tokens.stride(1), stride_pb, parents.stride(-1), path.stride(0),
-        **_tree_config(N, NB),
+        **tree_config(N, NB),
     )
     return accept_len, path, next_token
 
@@ -549,7 +549,7 @@ def verify_sampling(target_logits, draft_probs, draft_tokens, *, uniforms, tempe
         R, NB, V, gamma, inv_temp,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), draft_tokens.stride(0), draft_tokens.stride(1),
         u.stride(0), tokens.stride(0),
-        **_rows_config(R, NB),
+        **rows_config(R, NB),
     )
     pres = _new((B, NB), torch.float64, dev)
     pp = _new((B, NB), torch.float64, dev)
@@ -557,13 +557,13 @@ def verify_sampling(target_logits, draft_probs, draft_tokens, *, uniforms, tempe
         x, q, accept_len, msel, ssel, pres, pp,
         V, NB, gamma, inv_temp,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1),
-        BLOCK_V=BLOCK_V, num_warps=_warps(BLOCK_V),
+        BLOCK_V=BLOCK_V, num_warps=warps_for(BLOCK_V),
     )
     _draw_kernel[(B,)](
         x, q, u, accept_len, msel, ssel, asel, pres, pp, tokens,
         V, NB, gamma, inv_temp,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), u.stride(0), tokens.stride(0),
-        BLOCK_V=BLOCK_V, BLOCK_NB=triton.next_power_of_2(NB), num_warps=_warps(BLOCK_V),
+        BLOCK_V=BLOCK_V, BLOCK_NB=triton.next_power_of_2(NB), num_warps=warps_for(BLOCK_V),
     )
     return accept_len, tokens
 
@@ -593,7 +593,7 @@ def verify_loose(logits, draft_tokens, strict_mask, *, top_k, min_prob_ratio, sh
             x.stride(0), x.stride(1), draft_tokens.stride(0), draft_tokens.stride(1),
             strict.stride(0) if gamma else 0, strict.stride(1) if gamma else 0,
             tokens.stride(0), loose_u8.stride(0) if gamma else 0,
-            **_rows_config(R, NB),
+            **rows_config(R, NB),
             WITH_RANK=with_rank, WITH_GATE=with_gate,
         )
     if return_loose:

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .pruning import DEFAULT_PER_FRAME_FLOOR, DEFAULT_SCORE_NORM, DEFAULT_WEIGHTS, SCORE_NORMS
+from ..ops import LOOSE_RULE_DEFAULTS
+from .pruning import (
+    DEFAULT_MASS_FRACTION,
+    DEFAULT_PER_FRAME_FLOOR,
+    DEFAULT_SCORE_NORM,
+    DEFAULT_WEIGHTS,
+    SCORE_NORMS,
+)
+from .pruning import METHODS as PRUNE_METHODS
 
-PRUNE_METHODS = ("semantic", "attention", "uniform", "random", "none")
 PRUNE_SOURCES = ("target", "draft")
 VERIFY_MODES = ("strict", "loose")
 PARALLEL_MODES = ("post", "pre", "pearl")
@@ -24,13 +31,11 @@ class PruneConfig:
     for the "semantic" fusion; ``per_frame_floor`` = minimum kept tokens per frame for "semantic";
     ``mass_fraction`` = SpecVLM's top-mass share for "attention"; ``score_norm`` = min-max normalisation of each
     signal before the "semantic" fusion, per "frame" (HIPPO) or over the row's visual tokens ("global").
-    The defaults (``vspec.runtime.pruning.DEFAULT_*``) come from ``python -m vspec bench quality --split val --sweep``
-    on 200 validation clips of the synthetic task (README, "Quality"): global normalisation, attention plus a
-    quarter of the temporal novelty, no floor kept the most acceptance at keep 0.1 (MAL 4.73, against 4.56 for
-    the best per-frame setting and 4.62 for SpecVLM's attention rule). Per-frame normalisation stretches the
-    noise of frames the target barely attends to up to [0, 1]. The spatial term picked no square-holding token
-    (on a flat background its neighbourhood variance peaks on the NEIGHBOURS of an object), so its weight is 0 —
-    set it for textured video.
+    The defaults are ``vspec.runtime.pruning.DEFAULT_*`` (one source for both): global normalisation, attention
+    plus a quarter of the temporal novelty, no floor — the best setting of ``python -m vspec bench quality --split
+    val --sweep`` on validation clips of the synthetic task; the README's "Quality" section has the figures and
+    why. The spatial term's weight is 0 there (on a flat background its neighbourhood variance peaks on the
+    NEIGHBOURS of an object): set it for textured video.
     """
 
     score_layers: tuple[int, ...] | None = None
@@ -38,7 +43,7 @@ class PruneConfig:
     normalize: str = "visual"
     weights: tuple[float, float, float] = DEFAULT_WEIGHTS
     per_frame_floor: int = DEFAULT_PER_FRAME_FLOOR
-    mass_fraction: float = 0.4
+    mass_fraction: float = DEFAULT_MASS_FRACTION
     score_norm: str = DEFAULT_SCORE_NORM
 
     def __post_init__(self):
@@ -76,9 +81,10 @@ class LooseConfig:
     Rows without visual tokens are checked strictly by ``"hidden"`` and ``"attention"`` (nothing to be
     relevant to). The filler rule is ``ops.verify_loose``'s: ``top_k``, ``min_prob_ratio``, ``shift``,
     ``entropy_gate``, ``window`` (see its docstring). Zero tolerance (``top_k=1, shift=0``) equals strict.
-    Defaults (hidden, layer 1, threshold 0.2, the rule's defaults) are the sweep's best on the demo pair
-    (``python -m vspec bench quality``: highest MAL with task score >= 99.8% of strict). Relevance scales differ
-    between models: calibrate ``threshold`` for your pair (the benchmark prints relevance quantiles).
+    The filler rule's defaults are ``ops.LOOSE_RULE_DEFAULTS`` (one source for both). The detector's defaults
+    (hidden, layer 1, threshold 0.2) are the best setting of ``python -m vspec bench quality`` on the demo pair
+    (highest MAL at a task score close to strict's); the README's "Quality" section has the figures. Relevance
+    scales differ between models: calibrate ``threshold`` for your pair (the benchmark prints relevance quantiles).
     """
 
     detector: str = "hidden"
@@ -87,11 +93,11 @@ class LooseConfig:
     layer: int = 1
     attention_layers: tuple[int, ...] = (-1,)
     anchor_token_ids: tuple[int, ...] = ()
-    top_k: int = 3
-    min_prob_ratio: float = 0.3
-    shift: int = 1
-    entropy_gate: float = 0.3
-    window: int = 1
+    top_k: int = LOOSE_RULE_DEFAULTS["top_k"]
+    min_prob_ratio: float = LOOSE_RULE_DEFAULTS["min_prob_ratio"]
+    shift: int = LOOSE_RULE_DEFAULTS["shift"]
+    entropy_gate: float = LOOSE_RULE_DEFAULTS["entropy_gate"]
+    window: int = LOOSE_RULE_DEFAULTS["window"]
 
     def __post_init__(self):
         if self.detector not in ANCHOR_DETECTORS:

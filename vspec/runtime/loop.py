@@ -1,10 +1,58 @@
-"""The decode loop's per-call bookkeeping over the active batch rows, shared by every schedule."""
+"""Per-call state, passed explicitly to every step (the decoder holds none): :class:`CallState` (one ``generate``
+call: options, stats, loose verification's counters), :class:`DecodeState` (the decode loop's bookkeeping over the
+active batch rows) and :class:`DraftView` (what the draft's chain step reads of the loop)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .generation import History
+from .generation import History, LogitsRules
+from .stats import SpecStats
+
+
+@dataclass
+class CallState:
+    """One ``generate`` call's state, created by ``SpecDecoder.generate`` and passed to the schedule's ``prefill``
+    and ``decode`` (threads sharing one decoder each have their own).
+
+    rules / hist: the resolved logits rules and the prompt's history (:mod:`vspec.runtime.generation`); generator:
+    the sampling generator (None when greedy); max_new_tokens, eos_ids ``[E]``, pad: the budget and end tokens.
+    anchors: loose verification's anchor detector (:mod:`vspec.runtime.anchors`; None in strict mode);
+    round_loose ``[B, γ+1]`` bool: the loosely accepted positions of the round in flight (set by the verify step,
+    counted by ``end_round``); loose_accepted: their running count over emitted tokens (a device scalar, None
+    until a round counted one).
+    """
+
+    rules: LogitsRules
+    stats: SpecStats
+    max_new_tokens: int
+    eos_ids: torch.Tensor
+    pad: int
+    hist: History | None = None
+    generator: torch.Generator | None = None
+    streamer: object | None = None
+    anchors: object | None = None
+    round_loose: torch.Tensor | None = None
+    loose_accepted: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class DraftView:
+    """The draft's view of the decode loop: everything ``RoundSteps.draft_chain`` reads.
+
+    pend_d: ``[B, w]`` committed tokens the draft has not seen, right-aligned, −1 = none; pend_width: host-known
+    number of trailing columns of pend_d to feed; next_pos: ``[B]`` logical position of the token after ``last``;
+    last: ``[B]`` each row's last token; hist: the committed history for the logits rules (None: unknown, e.g. when
+    drafting past unverified tokens; only the history-free rules apply then).
+    """
+
+    pend_d: torch.Tensor
+    pend_width: int
+    next_pos: torch.Tensor
+    last: torch.Tensor
+    hist: History | None = None
 
 
 class DecodeState:
@@ -59,6 +107,10 @@ class DecodeState:
         if self.hist is not None:
             self.hist.commit(emitted, n_new)
         return n_new, fin
+
+    def draft_view(self) -> DraftView:
+        """The draft's view of this loop (its pending feed, width, next position, last token and history)."""
+        return DraftView(self.pend_d, self.pend_width, self.next_pos, self.last, self.hist)
 
     def select_rows(self, idx: torch.Tensor) -> None:
         self.rows, self.next_pos, self.last = self.rows[idx], self.next_pos[idx], self.last[idx]

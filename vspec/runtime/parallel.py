@@ -1,19 +1,19 @@
 """Parallel speculative decoding (HIPPO / PEARL): the draft works while the target verifies.
 
-``SpecConfig(parallel=True)`` runs this schedule instead of the serial loop of :mod:`vspec.runtime.engine`. It
-reuses the engine's steps (``_draft_chain``, ``_target_chain``, ``_verify``, ``_end_round``,
-``DecodeState.commit``) and the hole-based caches of :mod:`vspec.runtime.state`; only the ORDER of the steps and
-which tokens the draft is fed differ, so the guarantees are the serial engine's: greedy equals
-``target.generate(do_sample=False)``, sampling follows the target's distribution.
+``SpecConfig(parallel=True)`` runs this schedule instead of the serial chain of :mod:`vspec.runtime.schedules`. It
+runs the same round steps (:class:`~vspec.runtime.steps.RoundSteps`: ``draft_chain``, ``target_forward``,
+``verify``, ``end_round``; ``DecodeState.commit``) and the hole-based caches of :mod:`vspec.runtime.state`; only
+the ORDER of the steps and which tokens the draft is fed differ, so the guarantees are the serial schedule's:
+greedy equals ``target.generate(do_sample=False)``, sampling follows the target's distribution.
 
-Round kinds (a round is one target forward, as in the serial loop; each ends in ONE host sync, ``_end_round``):
+Round kinds (a round is one target forward, as in the serial loop; each ends in ONE host sync, ``end_round``):
 
 * **verify round** (drafts ``D'_1..D'_g`` given): the target runs one forward over ``[last, D'_1..D'_g]`` and
   verifies them. With post-verify (modes ``"post"``, ``"pearl"``) the draft meanwhile *speculates* the next round
   as if this one were fully accepted: it is fed ``D'_g`` and drafts γ+1 tokens ``e_1..e_{γ+1}`` (γ+1 forwards).
 * **pre-verify round** (modes ``"pre"``, ``"pearl"``, whenever fresh drafts are needed): the draft drafts
   ``D_1..D_γ`` from its pending tokens while the target runs a 1-token forward over ``[last]`` and checks ``D_1``
-  alone (``_verify`` on that one position; greedy: ``D_1 == argmax``, sampling: the usual ``min(1, p/q)`` test
+  alone (``verify`` on that one position; greedy: ``D_1 == argmax``, sampling: the usual ``min(1, p/q)`` test
   with the residual draw on rejection, a bonus draw is discarded). The round commits exactly one token per row
   (``D_1`` if accepted, else the target's token). If any row accepted ``D_1``, the next round is a verify round
   over ``D_2..D_γ`` (g = γ−1, ``last`` = the committed ``D_1``); rows that rejected ``D_1`` ride along in it, but
@@ -29,7 +29,7 @@ Acceptance of the speculative draft (post-verify). With ``acc`` accepted drafts 
 token (correction or bonus), row r's speculation is KEPT iff ``acc == g`` (every draft accepted, so the committed
 text ends ``... D'_g b``) and ``b == e_1`` (the draft guessed the target's bonus token): its next drafts are
 ``e_2..e_{γ+1}`` with ``last = e_1`` (already committed as ``b``), and the draft's cache already holds
-``D'_g, e_1..e_γ`` — exactly what a serial ``_draft_chain`` would have left. When every continuing row kept its
+``D'_g, e_1..e_γ`` — exactly what a serial ``draft_chain`` would have left. When every continuing row kept its
 speculation, the next round is a verify round at once (no drafting phase). Otherwise the rows that did not keep
 theirs need fresh drafts: a drafting phase (``"post"``) or a pre-verify round (``"pre"``/``"pearl"``) runs for the
 batch, kept rows feed a hole and the slots it appends for them become holes, and they use (and, pre-verify, check
@@ -54,177 +54,31 @@ CUDA: the draft runs on its own stream (on its own device when ``draft.device !=
 are copied across), the target, verification and bookkeeping on the caller's stream. Streams are ordered by
 events only; every tensor one stream hands to the other gets ``record_stream`` (the caching allocator must not
 recycle it while the other stream may still read it), and every tensor of the draft's state is allocated on the
-draft stream (:class:`_DraftState` runs each state method there). A round's one host sync is ``_end_round``'s
-``.tolist()`` (it also waits for the draft stream, whose cache extent it reads). On the CPU the same steps run in
-the same order, sequentially, so CPU tests exercise exactly this bookkeeping. Prefill: when the draft's keep-set
-does not need the target's prefill (``prune`` "uniform"/"random"/"none", or ``prune_source="draft"``), the
-draft's prefill is queued on its stream right after the target's, and both run at once.
+draft stream (:class:`~vspec.runtime.draft_side.DraftSideState` runs each state method there). A round's one host
+sync is ``end_round``'s ``.tolist()`` (it also waits for the draft stream, whose cache extent it reads). On the
+CPU the same steps run in the same order, sequentially, so CPU tests exercise exactly this bookkeeping. Prefill:
+when the draft's keep-set does not need the target's prefill (``PrefillPlan.scores_from_target`` False: ``prune``
+"uniform"/"random"/"none", or ``prune_source="draft"``), the draft's prefill is queued on its stream right after
+the target's, and both run at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from types import SimpleNamespace
 
 import torch
 
 from .devices import input_device
-from .loop import DecodeState
+from .draft_side import DraftSide, DraftSideState
+from .loop import CallState, DecodeState, DraftView
 from .models import Prompt
+from .prefill import Prefill, PrefillPlan
+from .schedules import Schedule
 from .state import ModelState
+from .steps import RoundSteps
 
 PRE_MODES = ("pre", "pearl")
 POST_MODES = ("post", "pearl")
-
-
-class _Side:
-    """Where the draft runs: its device and, on CUDA, its own stream (the target keeps the caller's stream).
-
-    ``run()`` enters the draft stream after an event of the main stream; ``send`` / ``fetch`` hand a tensor to the
-    draft / main side (an event wait and ``record_stream`` on one device, a copy between devices). On the CPU all of
-    this is a no-op and the steps run in program order.
-    """
-
-    def __init__(self, main_device, draft_device, *, streams: bool = True):
-        self.main_device = torch.device(main_device)
-        self.device = torch.device(draft_device)
-        # streams=False (the serial schedules' cross-device draft): plain copies, program order
-        self.cuda = streams and self.device.type == "cuda" and self.main_device.type == "cuda"
-        self.cross = self.device != self.main_device
-        self.stream = self.main = self.xfer = None
-        if self.cuda:
-            self.stream = torch.cuda.Stream(device=self.device)
-            self.main = torch.cuda.current_stream(self.main_device)
-            if self.cross:
-                # the main device's end of draft→main copies: an idle stream, so a copy never queues behind
-                # (and never makes the draft stream wait for) the target's forward
-                self.xfer = torch.cuda.Stream(device=self.main_device)
-
-    def mark(self):
-        """An event of the main stream's current work (None on the CPU)."""
-        return self.main.record_event() if self.cuda else None
-
-    @contextlib.contextmanager
-    def run(self, after=None):
-        """Run the body on the draft stream, after ``after`` (default: everything queued on the main stream)."""
-        if not self.cuda or torch.cuda.current_stream(self.device) == self.stream:
-            yield
-            return
-        self.stream.wait_event(after if after is not None else self.mark())
-        with torch.cuda.stream(self.stream):
-            yield
-
-    def send(self, t):
-        """A main-side tensor for use on the draft side (call inside :meth:`run`, before the target's forward is
-        queued when the draft is on another device: a cross-device copy is ordered on the main stream)."""
-        if t is None or not self.cuda:
-            return t if t is None else t.to(self.device)
-        if self.cross:
-            return t.to(self.device, non_blocking=True)
-        t.record_stream(self.stream)
-        return t
-
-    def fetch(self, t):
-        """A draft-side tensor for the main stream: the main stream waits for the draft stream's work so far."""
-        if t is None or not self.cuda:
-            return t if t is None else t.to(self.main_device)
-        if self.cross:
-            with torch.cuda.stream(self.stream), torch.cuda.stream(self.xfer):
-                out = t.to(self.main_device, non_blocking=True)
-            self.main.wait_stream(self.xfer)
-            out.record_stream(self.main)
-            return out
-        self.main.wait_event(self.stream.record_event())
-        t.record_stream(self.main)
-        return t
-
-    def prompt(self, prompt: Prompt) -> Prompt:
-        """The prompt's tensors on the draft side (inside :meth:`run`)."""
-        if not self.cuda and not self.cross:
-            return prompt
-        kw = {k: (self.send(v) if isinstance(v, torch.Tensor) else v) for k, v in prompt.model_kwargs.items()}
-        return dataclasses.replace(
-            prompt, input_ids=self.send(prompt.input_ids), attention_mask=self.send(prompt.attention_mask),
-            positions=self.send(prompt.positions), visual_mask=self.send(prompt.visual_mask),
-            next_pos=self.send(prompt.next_pos), model_kwargs=kw)
-
-
-class _DraftState(ModelState):
-    """The draft's :class:`ModelState`, every method run on the draft side (stream and device).
-
-    Tensor arguments are handed over with :meth:`_Side.send`; ``extent()`` comes back with :meth:`_Side.fetch`
-    (the engine's ``_end_round`` reads it with the target's); ``valid`` always lives on the draft's device.
-    """
-
-    def __init__(self, model, adapter, side: _Side):
-        self.side = side
-        self._valid = None
-        super().__init__(model, adapter)
-
-    @property
-    def valid(self):
-        return self._valid
-
-    @valid.setter
-    def valid(self, v):
-        if v is not None and (v.device != self.side.device or self.side.cuda):
-            with self.side.run():
-                v = self.side.send(v)
-        self._valid = v
-
-    def forward(self, **kw):
-        with self.side.run():
-            kw = {k: (self.side.send(v) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-            return super().forward(**kw)
-
-    def forward_tree(self, **kw):
-        with self.side.run():
-            kw = {k: (self.side.send(v) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-            return super().forward_tree(**kw)
-
-    def keep_only(self, start, keep):
-        with self.side.run():
-            super().keep_only(start, self.side.send(keep))
-
-    def truncate(self, n):
-        with self.side.run():
-            super().truncate(n)
-
-    def invalidate(self, start, stop, *, trim=True):
-        with self.side.run():
-            super().invalidate(self.side.send(start), stop, trim=trim)
-
-    def extent(self):
-        with self.side.run():
-            out = super().extent()
-        return self.side.fetch(out)
-
-    def select_rows(self, rows):
-        with self.side.run():
-            super().select_rows(self.side.send(rows))
-
-    def compact_(self, fullest=None):
-        with self.side.run():
-            super().compact_(fullest)
-
-    def last_valid(self) -> torch.Tensor:
-        """``[B]`` physical index of each row's last valid slot (−1 if none), on the main side."""
-        with self.side.run():
-            cols = torch.arange(self.length, device=self._valid.device)
-            out = torch.where(self._valid, cols, -1).amax(dim=1)
-        return self.side.fetch(out)
-
-
-class BridgedDraftState(_DraftState):
-    """The serial schedules' draft on another device (:func:`draft_state`): a
-    :class:`_DraftState` on a stream-less :class:`_Side` whose logits come back on the main device."""
-
-    def forward(self, **kw):
-        return self.side.fetch(super().forward(**kw))
-
-    def forward_tree(self, **kw):
-        return self.side.fetch(super().forward_tree(**kw))
 
 
 class _ParLoop(DecodeState):
@@ -257,7 +111,7 @@ class _Timer:
     Without CUDA nothing is recorded (:attr:`can_measure` is False) and the stats stay 0.
     """
 
-    def __init__(self, side: _Side):
+    def __init__(self, side: DraftSide):
         self.side = side
         self.on = side.cuda
         self.round = 0
@@ -286,7 +140,7 @@ class _Timer:
 
     @contextlib.contextmanager
     def draft(self, forwards: int):
-        """Time the body's work on the draft stream (call inside ``_Side.run``)."""
+        """Time the body's work on the draft stream (call inside ``DraftSide.run``)."""
         if not self.on:
             yield
             return
@@ -323,53 +177,50 @@ class _Timer:
                                for r, ivs in d_iv.items() for c, d in ivs for a, b in t_iv.get(r, ()))
 
 
-class ParallelSchedule:
+class ParallelSchedule(Schedule):
     """One ``generate`` call's parallel schedule (built by ``SpecDecoder.generate`` when ``config.parallel``)."""
 
-    def __init__(self, dec, generator):
-        self.dec = dec
-        self.cfg = dec.config
+    def __init__(self, steps: RoundSteps, prefill: Prefill, generator):
+        super().__init__(steps, prefill)
         # input_device, not .device: a dispatched target's first parameter may be offloaded (on meta)
-        self.side = _Side(input_device(dec.target), input_device(dec.draft))
+        self.side = DraftSide(input_device(steps.target), input_device(steps.draft))
         self.timer = _Timer(self.side)
-        self.pre = self.cfg.parallel_mode in PRE_MODES
-        self.post = self.cfg.parallel_mode in POST_MODES
+        self.pre = self.config.parallel_mode in PRE_MODES
+        self.post = self.config.parallel_mode in POST_MODES
         self.gen_d = generator
         if generator is not None and torch.device(generator.device) != self.side.device:
             # a draft on a second device draws from its own generator, seeded from the caller's
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
             self.gen_d = torch.Generator(device=self.side.device).manual_seed(seed)
 
-    def states(self):
-        return (ModelState(self.dec.target, self.dec.t_adapter),
-                _DraftState(self.dec.draft, self.dec.d_adapter, self.side))
+    def states(self, prompt: Prompt) -> tuple[ModelState, DraftSideState]:
+        return (ModelState(self.steps.target, self.steps.t_adapter),
+                DraftSideState(self.steps.draft, self.steps.d_adapter, self.side))
 
     # ---- prefill ------------------------------------------------------------------------------------------
-    def prefill(self, prompt: Prompt, target: ModelState, draft: _DraftState, stats, rules, generator, *,
-                hist=None):
-        """The engine's prefill; the draft's part runs beside the target's when it does not need its scores."""
-        cfg, dec, side = self.cfg, self.dec, self.side
-        has_visual = bool(prompt.visual_mask.any())
-        prune = cfg.prune if has_visual else "none"
-        if prune in ("semantic", "attention") and cfg.prune_source == "target":
-            return dec._prefill(prompt, target, draft, stats, rules, generator, hist=hist)
+    def run_prefill(self, prompt: Prompt, target: ModelState, draft: DraftSideState, plan: PrefillPlan,
+                    call: CallState) -> torch.Tensor:
+        """The serial prefill; the draft's part runs beside the target's when it does not need the target's
+        scores."""
+        if plan.scores_from_target:
+            return super().run_prefill(prompt, target, draft, plan, call)
+        side, pre = self.side, self.prefill_steps
         with side.run():
             d_prompt = side.prompt(prompt)  # copies (second device) are queued before the target's prefill
         ev = side.mark()
-        first = dec._prefill(prompt, target, None, stats, rules, generator, hist=hist)
+        first, _ = pre.target_prefill(prompt, target, plan, call)
         with side.run(after=ev):
-            dec._prefill_draft(d_prompt, draft, stats)
+            pre.draft_prefill(d_prompt, draft, plan, call.stats)
         return first
 
     # ---- decode -------------------------------------------------------------------------------------------
     def gamma_from_ratio(self, ratio: float) -> int:
         """γ for a target/draft cost ratio (SpecConfig.adaptive_draft_len)."""
-        g = round(ratio) - (1 if self.cfg.parallel_mode == "post" else 0)
-        return max(1, min(self.cfg.draft_len, g))
+        g = round(ratio) - (1 if self.config.parallel_mode == "post" else 0)
+        return max(1, min(self.config.draft_len, g))
 
-    def decode(self, prompt, target, draft, first, max_new_tokens, eos_ids, pad, stats, rules, generator,
-               streamer, *, hist=None):
-        cfg, dec = self.cfg, self.dec
+    def decode(self, prompt, target, draft, first, call):
+        cfg, steps, stats = self.config, self.steps, call.stats
         gamma = cfg.draft_len
         warmup = 0
         if cfg.adaptive_draft_len:
@@ -377,10 +228,11 @@ class ParallelSchedule:
                 gamma = self.gamma_from_ratio(cfg.draft_time_ratio)
             elif self.timer.can_measure:
                 warmup = 2  # serial rounds; the second (past first-call overheads) is measured
-        lp = _ParLoop(first, prompt.next_pos + 1, max_new_tokens, cfg.draft_len, pad, eos_ids, hist=hist)
-        if not dec._start_decode(prompt, lp, target, draft, first, max_new_tokens, eos_ids, streamer):
+        lp = _ParLoop(first, prompt.next_pos + 1, call.max_new_tokens, cfg.draft_len, call.pad, call.eos_ids,
+                      hist=call.hist)
+        if not steps.start_decode(prompt, lp, target, draft, first, call):
             return lp.result()
-        args = (target, draft, lp, stats, rules, generator, streamer)
+        args = (target, draft, lp, call)
         while True:
             self.timer.round += 1
             warm = stats.rounds < warmup
@@ -390,7 +242,7 @@ class ParallelSchedule:
                 lp.ready = False
                 alive = self._verify_round(*args, drafts, probs, gamma, spec=self.post and not warm)
             elif warm or not self.pre:
-                drafts, probs = self._fresh(draft, lp, gamma, rules)
+                drafts, probs = self._fresh(draft, lp, gamma, call)
                 alive = self._verify_round(*args, drafts, probs, gamma, spec=self.post and not warm)
             else:
                 alive = self._pre_round(*args, gamma)
@@ -404,15 +256,14 @@ class ParallelSchedule:
         self.timer.finish(stats)
         return lp.result()
 
-    def _view(self, lp):
-        """What ``_draft_chain`` reads of the loop, on the draft side (call inside ``_Side.run``)."""
+    def _view(self, lp) -> DraftView:
+        """The loop's :class:`DraftView` on the draft side (call inside ``DraftSide.run``)."""
         s = self.side
         # the committed history for the logits rules (on a second device the draft proposes without it)
-        return SimpleNamespace(hist=None if s.cross else lp.hist,
-                               pend_d=s.send(lp.pend_d), pend_width=lp.pend_width, next_pos=s.send(lp.next_pos),
-                               last=s.send(lp.last))
+        return DraftView(pend_d=s.send(lp.pend_d), pend_width=lp.pend_width, next_pos=s.send(lp.next_pos),
+                         last=s.send(lp.last), hist=None if s.cross else lp.hist)
 
-    def _fresh(self, draft, lp, gamma, rules):
+    def _fresh(self, draft, lp, gamma, call):
         """γ fresh drafts from the draft's pending tokens (nothing else runs meanwhile). Rows in ``lp.carried`` keep
         their kept speculation instead: their pending feed is a hole and the slots the chain appends for them
         become holes."""
@@ -423,7 +274,7 @@ class ParallelSchedule:
             view = self._view(lp)
             chain_start = draft.length
             with self.timer.draft(gamma):
-                drafts, probs = self.dec._draft_chain(draft, view, rules, self.gen_d, gamma=gamma)
+                drafts, probs = self.steps.draft_chain(draft, view, call, self.gen_d, gamma=gamma)
         drafts, probs = self.side.fetch(drafts), self.side.fetch(probs)
         if carried is not None:
             draft.invalidate(torch.where(carried, chain_start, draft.length), draft.length, trim=False)
@@ -433,17 +284,16 @@ class ParallelSchedule:
             lp.next_drafts = lp.next_probs = lp.carried = None
         return drafts, probs
 
-    def _verify(self, t_logits, drafts, probs, rules, generator, hist):
-        """The engine's verification; with no drafts (g = 0) the target's own next token."""
+    def _verify(self, t_logits, drafts, probs, call, hist):
+        """The serial verification; with no drafts (g = 0) the target's own next token."""
         if drafts.shape[1] == 0:
-            tok = self.dec._select(t_logits[:, 0], rules, generator, hist)
+            tok = self.steps.next_token(t_logits[:, 0], call, hist)
             return torch.zeros_like(tok), tok[:, None]
-        return self.dec._verify(t_logits, drafts, probs, rules, generator, hist=hist)
+        return self.steps.verify(t_logits, drafts, probs, call, hist)
 
-    def _verify_round(self, target, draft, lp, stats, rules, generator, streamer, drafts, probs, gamma, *,
-                      spec: bool) -> bool:
+    def _verify_round(self, target, draft, lp, call, drafts, probs, gamma, *, spec: bool) -> bool:
         """One target forward over ``[last, drafts]``; with ``spec`` the draft speculates γ+1 tokens meanwhile."""
-        dec, side = self.dec, self.side
+        steps, side, stats = self.steps, self.side, call.stats
         g = drafts.shape[1]
         rej_a, tok_a = lp.rej_a, lp.tok_a
         lp.rej_a = lp.tok_a = None
@@ -454,18 +304,17 @@ class ParallelSchedule:
             with side.run():  # inputs first: a copy to a second device is ordered on the main stream
                 feed = side.send(drafts[:, -1] if g else lp.last)
                 # drafting past unverified tokens: their history is not known yet (hist=None)
-                view = SimpleNamespace(hist=None, pend_d=feed[:, None], pend_width=1,
-                                       next_pos=side.send(lp.next_pos + g), last=feed)
+                view = DraftView(pend_d=feed[:, None], pend_width=1, next_pos=side.send(lp.next_pos + g), last=feed)
         ev = side.mark()
         t_base = target.length
         with self.timer.target():
-            t_logits = dec._target_chain(target, lp, drafts)
+            t_logits = steps.target_forward(target, lp, drafts, call)
         if spec:
             with side.run(after=ev), self.timer.draft(gamma + 1):
-                e_tok, e_probs = dec._draft_chain(draft, view, rules, self.gen_d, gamma=gamma + 1)
-        acc, emitted = self._verify(t_logits, drafts, probs, rules, generator, lp.hist)
+                e_tok, e_probs = steps.draft_chain(draft, view, call, self.gen_d, gamma=gamma + 1)
+        acc, emitted = self._verify(t_logits, drafts, probs, call, lp.hist)
         if rej_a is not None:  # rows that rejected D_1: the target's own token, not a verdict on D_2..
-            own = dec._select(t_logits[:, 0], rules, generator, lp.hist)
+            own = steps.next_token(t_logits[:, 0], call, lp.hist)
             acc = torch.where(rej_a, 0, acc)
             alone = torch.cat([own[:, None], torch.full_like(emitted[:, 1:], -1)], dim=1)
             emitted = torch.where(rej_a[:, None], alone, emitted)
@@ -498,7 +347,7 @@ class ParallelSchedule:
         draft.invalidate(start, draft.length, trim=False)
         lp.pend_d = torch.stack([unfed, pend_last], dim=1)
         extra = torch.stack([consistent.sum(), alive_rows.sum(), ((unfed >= 0) & alive_rows).any().long()])
-        alive = dec._end_round(lp, target, draft, acc, n_new, fin, emitted, stats, streamer, extra=extra)
+        alive = steps.end_round(lp, target, draft, acc, n_new, fin, emitted, call, extra=extra)
         n_kept, n_alive, wide = lp.extra
         lp.pend_width = 2 if wide else 1
         if spec:
@@ -512,13 +361,13 @@ class ParallelSchedule:
             lp.carried = None
         return alive
 
-    def _pre_round(self, target, draft, lp, stats, rules, generator, streamer, gamma) -> bool:
+    def _pre_round(self, target, draft, lp, call, gamma) -> bool:
         """The draft drafts γ tokens while the target's 1-token forward over ``[last]`` checks ``D_1``.
 
         Rows in ``lp.carried`` check their kept speculation's first token instead (the chain's slots for them become
         holes); a rejection there drops their speculation from its second token on.
         """
-        dec, side = self.dec, self.side
+        steps, side, stats = self.steps, self.side, call.stats
         B = lp.last.shape[0]
         carried = lp.carried
         if carried is not None:
@@ -529,15 +378,15 @@ class ParallelSchedule:
             chain_start = draft.length
         ev = side.mark()
         with self.timer.target():
-            t_logits = dec._target_chain(target, lp, lp.last.new_empty(B, 0))  # [B, 1, V]
+            t_logits = steps.target_forward(target, lp, lp.last.new_empty(B, 0), call)  # [B, 1, V]
         with side.run(after=ev), self.timer.draft(gamma):
-            d1, p1 = dec._draft_chain(draft, view, rules, self.gen_d, gamma=1)  # [B, 1], [B, 1, V]
+            d1, p1 = steps.draft_chain(draft, view, call, self.gen_d, gamma=1)  # [B, 1], [B, 1, V]
             d_mark = draft.length  # D_1's slot once it is fed below
             d1_main, p1_main = side.fetch(d1), side.fetch(p1)  # the check waits for D_1 only
             rest = rest_p = None
             if gamma > 1:
-                view2 = SimpleNamespace(hist=None, pend_d=d1, pend_width=1, next_pos=view.next_pos + 1, last=d1[:, 0])
-                rest, rest_p = dec._draft_chain(draft, view2, rules, self.gen_d, gamma=gamma - 1)
+                view2 = DraftView(pend_d=d1, pend_width=1, next_pos=view.next_pos + 1, last=d1[:, 0])
+                rest, rest_p = steps.draft_chain(draft, view2, call, self.gen_d, gamma=gamma - 1)
         if rest is None:
             rest = d1_main.new_empty(B, 0)
             rest_p = p1_main[:, :0] if p1_main is not None else None
@@ -550,8 +399,7 @@ class ParallelSchedule:
                 p1_main = torch.where(carried[:, None, None], lp.next_probs[:, :1], p1_main)
                 rest_p = torch.where(carried[:, None, None], lp.next_probs[:, 1:], rest_p)
         # check D_1 at the one position the forward scored; the second (bonus) position is a stand-in, unused
-        acc_a, tokens = dec._verify(torch.cat([t_logits, t_logits], dim=1), d1_main, p1_main, rules, generator,
-                                    hist=lp.hist)
+        acc_a, tokens = steps.verify(torch.cat([t_logits, t_logits], dim=1), d1_main, p1_main, call, lp.hist)
         tok = tokens[:, 0]
         n_new, fin = lp.commit(torch.zeros_like(acc_a), tok[:, None])
         rej = acc_a == 0
@@ -564,7 +412,7 @@ class ParallelSchedule:
         lp.rej_a, lp.tok_a = rej, tok
         alive_rows = ~fin
         extra = torch.stack([(~rej & alive_rows).sum(), rej.sum()])
-        alive = dec._end_round(lp, target, draft, acc_a, n_new, fin, tok[:, None], stats, streamer, extra=extra)
+        alive = steps.end_round(lp, target, draft, acc_a, n_new, fin, tok[:, None], call, extra=extra)
         n_acc, n_rej = lp.extra
         lp.pend_width = 1
         stats.pre_verify_rounds += 1
@@ -573,17 +421,3 @@ class ParallelSchedule:
         if not lp.ready:  # early stop: nobody needs D_2..D_γ verified
             lp.next_drafts = lp.next_probs = lp.rej_a = lp.tok_a = None
         return alive
-
-
-def draft_state(model, adapter, main_device: torch.device):
-    """The draft's ``ModelState`` for the serial schedules.
-
-    Same device as the target's inputs: a plain :class:`~vspec.runtime.state.ModelState`. Another device: a state
-    that copies the tensors it is given to the draft's device and returns logits and ``extent()`` on
-    ``main_device`` (one ``[B, n, V]`` logits copy per draft forward); no streams, so the draft's work and the
-    target's do not overlap — ``SpecConfig(parallel=True)`` is the schedule for that.
-    """
-    device = input_device(model)
-    if device == torch.device(main_device):
-        return ModelState(model, adapter)
-    return BridgedDraftState(model, adapter, _Side(main_device, device, streams=False))

@@ -1,4 +1,5 @@
-"""TreeBuffers and tree-shape helpers (vspec/runtime/trees.py) on hand-made trees."""
+"""Tree shapes on hand-made trees: TreeBuffers and its helpers (vspec/testing_trees.py), tree_from_choices
+(vspec/runtime/trees.py)."""
 
 import dataclasses
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 
 from vspec.kernels import reference as ref
-from vspec.runtime.trees import TreeBuffers, chain_tree, topk_tree, tree_from_choices, validate_parents
+from vspec.runtime.trees import tree_from_choices
+from vspec.testing_trees import TreeBuffers, chain_tree, topk_tree, validate_parents
 
 
 def test_chain_tree():

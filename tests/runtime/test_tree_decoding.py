@@ -15,11 +15,12 @@ import torch
 import vspec
 from vspec import LooseConfig, SpecConfig, SpecDecoder, TreeConfig, ops
 from vspec.kernels import reference as ref_ops
-from vspec.runtime import engine
+from vspec.runtime import steps
 from vspec.runtime.models import get_adapter
 from vspec.runtime.state import ModelState
-from vspec.runtime.trees import TreeBuffers, TreeLevels, tree_from_choices
+from vspec.runtime.trees import TreeLevels, tree_from_choices
 from vspec.testing import make_inputs, perturbed_copy, tiny_model
+from vspec.testing_trees import TreeBuffers
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision"]
 # Static tree holding the greedy chain (0,), (0,0), (0,0,0) plus side branches.
@@ -277,8 +278,8 @@ _SYNC_METHODS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index_
 def test_one_host_sync_per_round(models, monkeypatch, mode):
     """Counts the host reads of tensor values (``tolist``, ``item``, ``bool``/``int``/``float``/``index``
     conversions, ``cpu``, ``numpy``) made from vspec's own files during each decode round (from the draft step to
-    the end of ``_end_round``; the prefill and the loop's entry and exit are not rounds). Each round must make
-    exactly one: ``_end_round``'s read. transformers' own internal reads are not vspec's to count; syncs hidden
+    the end of ``end_round``; the prefill and the loop's entry and exit are not rounds). Each round must make
+    exactly one: ``end_round``'s read. transformers' own internal reads are not vspec's to count; syncs hidden
     inside C++ ops (boolean-mask indexing, nonzero) are not seen by this test.
     Rows finish at different rounds (EOS) and compaction runs (compact_holes=1) to cover those branches; the loose
     modes cover both anchor detectors (the attention one calls visual_attention_mass per draft token and layer)."""
@@ -298,7 +299,7 @@ def test_one_host_sync_per_round(models, monkeypatch, mode):
         monkeypatch.setattr(torch.Tensor, name, counted)
 
     def marked(meth, tag, after=False):
-        orig = getattr(engine.SpecDecoder, meth)
+        orig = getattr(steps.RoundSteps, meth)
 
         def f(self, *args, **kwargs):
             if not after:
@@ -308,11 +309,11 @@ def test_one_host_sync_per_round(models, monkeypatch, mode):
                 log.append((tag,))
             return out
 
-        monkeypatch.setattr(engine.SpecDecoder, meth, f)
+        monkeypatch.setattr(steps.RoundSteps, meth, f)
 
-    marked("_draft_chain", "start")
-    marked("_draft_tree", "start")
-    marked("_end_round", "end", after=True)
+    marked("draft_chain", "start")
+    marked("draft_tree", "start")
+    marked("end_round", "end", after=True)
 
     target, close = models["qwen2_5_vl"]
     inputs = make_inputs(target, batch_size=3, prompt_lens=[3, 7, 5], seed=5)
@@ -340,7 +341,7 @@ def test_one_host_sync_per_round(models, monkeypatch, mode):
             current.append(event[1])
     assert len(rounds) == out.stats.rounds >= 3
     for i, syncs in enumerate(rounds):
-        assert len(syncs) == 1 and syncs[0].startswith("tolist at runtime/engine.py"), (i, syncs)
+        assert len(syncs) == 1 and syncs[0].startswith("tolist at runtime/steps.py"), (i, syncs)
 
 
 # ---------------------------------------------------------------------------------------------------------
