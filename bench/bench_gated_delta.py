@@ -28,7 +28,6 @@ import argparse
 import csv
 import datetime
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,9 @@ if not torch.cuda.is_available():
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_kv import copy_bandwidth_gbps, env_info  # noqa: E402  (one copy of the run's environment and bandwidth)
 
 from vspec.kernels import reference as ref  # noqa: E402
 
@@ -157,36 +159,6 @@ def reference_result(phase, args, accept_len):
 
 
 # ---- measurement ------------------------------------------------------------------------------
-
-
-def copy_bandwidth_gbps() -> float:
-    from triton.testing import do_bench
-
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = do_bench(lambda: b.copy_(a), warmup=25, rep=200, return_mode="median")
-    return 2 * n / ms / 1e6
-
-
-def env_info() -> dict:
-    import triton
-
-    try:
-        git = dict(cwd=ROOT, capture_output=True, text=True, check=True)
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **git).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], **git).stdout
-        sha += "-dirty" if dirty.strip() else ""
-    except (OSError, subprocess.CalledProcessError):
-        sha = "unknown"
-    try:
-        from importlib.metadata import version
-
-        vspec_version = version("vspec")
-    except Exception:  # not installed: running from the checkout
-        vspec_version = "checkout"
-    return dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                torch=torch.__version__, triton=triton.__version__, vspec=vspec_version, git_sha=sha)
 
 
 def run_gpu(shapes, batches, tokens, out_csv: Path):
