@@ -174,8 +174,8 @@ def test_serial_schedules_with_the_cross_device_draft_state(pairs, schedule, mon
 
     made = []
 
-    def bridged(model, adapter, main_device):
-        made.append(BridgedDraftState(model, adapter, DraftSide(main_device, main_device, streams=False)))
+    def bridged(model, adapter, main_device, **kw):
+        made.append(BridgedDraftState(model, adapter, DraftSide(main_device, main_device, streams=False), **kw))
         return made[-1]
 
     monkeypatch.setattr(schedules, "draft_state", bridged)

@@ -1,7 +1,9 @@
 """A preallocated KV cache for the speculative-decoding runtime, usable as HF ``past_key_values``.
 
 One storage tensor ``[L, 2, B, Hkv, S_max, D]`` holds keys (``[:, 0]``) and values (``[:, 1]``) of every
-layer, so one :func:`vspec.ops.compact_kv_` call compacts the whole cache. All batch rows share one
+layer, so one :func:`vspec.ops.compact_kv_` call compacts the whole cache. A model sharded over several devices
+(accelerate ``device_map``) gets one such storage per device, holding the layers that run there
+(:meth:`SpecCache.from_dynamic` groups them): one launch per device. All batch rows share one
 *physical* length (every forward appends the same number of slots to every row); a boolean
 ``valid [B, S_max]`` mask says which slots hold real tokens. Left padding, pruned tokens and rejected
 speculative tokens are holes (``False``): pass :meth:`SpecCache.attention_mask` as the model's 2-D
@@ -53,34 +55,44 @@ class _StorageLayer(CacheLayerMixin):
 
     @property
     def is_initialized(self) -> bool:
-        return self._cache.storage is not None
+        return bool(self._cache.storages)
+
+    def _slab(self) -> torch.Tensor | None:
+        """This layer's ``[2, B, Hkv, S_max, D]`` slice of its device's storage (None before allocation)."""
+        c = self._cache
+        if not c.storages:
+            return None
+        store, j = c._where[self.layer_idx]
+        return c.storages[store][j]
 
     @property
     def keys(self) -> torch.Tensor | None:
-        st = self._cache.storage
-        return None if st is None else st[self.layer_idx, 0, :, :, : self.length]
+        st = self._slab()
+        return None if st is None else st[0, :, :, : self.length]
 
     @property
     def values(self) -> torch.Tensor | None:
-        st = self._cache.storage
-        return None if st is None else st[self.layer_idx, 1, :, :, : self.length]
+        st = self._slab()
+        return None if st is None else st[1, :, :, : self.length]
 
     @property
     def batch_size(self) -> int:
-        if self._cache.storage is None:
+        if not self._cache.storages:
             raise AttributeError("batch_size is unknown before the storage is allocated")
-        return self._cache.storage.shape[2]
+        return self._slab().shape[1]
 
     @property
     def dtype(self) -> torch.dtype | None:
-        return None if self._cache.storage is None else self._cache.storage.dtype
+        st = self._slab()
+        return None if st is None else st.dtype
 
     @property
     def device(self) -> torch.device | None:
-        return None if self._cache.storage is None else self._cache.storage.device
+        st = self._slab()
+        return None if st is None else st.device
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if self._cache.storage is None:
+        if not self._cache.storages:
             B, H, _, D = key_states.shape
             self._cache._allocate(B, H, D, key_states.dtype, key_states.device)
 
@@ -88,26 +100,32 @@ class _StorageLayer(CacheLayerMixin):
         """Write ``[B, Hkv, q, D]`` states at slots ``[length, length + q)``; return the
         ``[B, Hkv, length + q, D]`` key and value views."""
         c = self._cache
+        if c.write_pos is not None:  # fixed shapes: write at the given slots, attend over all S_max slots
+            st = self._slab()
+            st[0].index_copy_(2, c.write_pos, key_states)
+            st[1].index_copy_(2, c.write_pos, value_states)
+            return st[0], st[1]
         self.lazy_initialization(key_states, value_states)
-        st = c.storage
-        _, _, B, H, _, D = st.shape
+        _, B, H, _, D = self._slab().shape
         q = key_states.shape[-2]
         for name, t in (("key_states", key_states), ("value_states", value_states)):
             if t.ndim != 4 or t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
                 raise ValueError(f"{name} must be [B={B}, Hkv={H}, q, D={D}] to match the cache storage, got "
                                  f"{tuple(t.shape)}")
         start, end = self.length, self.length + q
-        c._ensure_capacity(end)
-        st = c.storage
-        st[self.layer_idx, 0, :, :, start:end].copy_(key_states)
-        st[self.layer_idx, 1, :, :, start:end].copy_(value_states)
-        if self.layer_idx == 0:
+        c.ensure_capacity(end)
+        st = self._slab()
+        st[0, :, :, start:end].copy_(key_states)
+        st[1, :, :, start:end].copy_(value_states)
+        if self.layer_idx == 0 and c.mark_appends_valid:
             # The first layer of a forward marks the new slots as real tokens; holes are set by the runtime.
             c.valid[:, start:end] = True
         self.length = end
-        return st[self.layer_idx, 0, :, :, :end], st[self.layer_idx, 1, :, :, :end]
+        return st[0, :, :, :end], st[1, :, :, :end]
 
     def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        if self._cache.write_pos is not None:
+            return self._cache.max_length, 0
         if isinstance(query_length, torch.Tensor):  # older releases passed cache_position
             query_length = query_length.shape[0]
         return self.length + query_length, 0
@@ -157,8 +175,17 @@ class SpecCache(Cache):
             invalidating earlier views) instead of raising.
 
     Attributes:
-        storage: ``[L, 2, B, Hkv, S_max, D]`` or None before allocation.
+        storage: ``[L, 2, B, Hkv, S_max, D]`` or None before allocation (a cache spanning several devices:
+            ``storages``, one ``[L_d, 2, B, Hkv, S_max, D]`` per device, and ``storage`` raises).
         valid: ``bool [B, S_max]``; False for holes and for every slot ``>= length``.
+        mark_appends_valid: whether an update marks its new slots valid (default True); a runtime that sets
+            ``valid`` itself before each forward (holes among the new slots) turns it off.
+        reallocations: how often the storage grew (``grow=True``); 0 when ``max_length`` was sized right.
+        write_pos: None, or ``[q]`` int64 slots: fixed-shape mode for one forward (set by the runtime around
+            it). Every layer then writes its q new states at those slots and attends over all ``S_max`` slots
+            (the caller's 4-D mask hides the unused ones); no Python state changes inside the forward, so its
+            shapes do not depend on the length and a compiled or captured forward replays. The runtime moves
+            ``length`` afterwards.
     """
 
     def __init__(self, config=None, *, max_length: int, num_layers: int | None = None,
@@ -177,8 +204,12 @@ class SpecCache(Cache):
         super().__init__(layers=[_StorageLayer(self, i) for i in range(num_layers)])
         self.max_length = max_length
         self.grow = grow
-        self.storage: torch.Tensor | None = None
+        self.storages: list[torch.Tensor] = []
+        self._where: list[tuple[int, int]] = [(0, i) for i in range(num_layers)]  # layer -> (storage, index)
         self.valid: torch.Tensor | None = None
+        self.mark_appends_valid = True
+        self.reallocations = 0
+        self.write_pos: torch.Tensor | None = None
         if batch_size is not None:
             if num_kv_heads is None and text is not None:
                 num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
@@ -195,23 +226,37 @@ class SpecCache(Cache):
     def _allocate(self, batch_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                   device: torch.device) -> None:
         shape = (len(self.layers), 2, batch_size, num_kv_heads, self.max_length, head_dim)
-        self.storage = torch.zeros(shape, dtype=dtype, device=device)
+        self.storages = [torch.zeros(shape, dtype=dtype, device=device)]
+        self._where = [(0, i) for i in range(len(self.layers))]
         self.valid = torch.zeros(batch_size, self.max_length, dtype=torch.bool, device=device)
 
-    def _ensure_capacity(self, end: int) -> None:
+    @property
+    def storage(self) -> torch.Tensor | None:
+        """The ``[L, 2, B, Hkv, S_max, D]`` storage (None before allocation); see ``storages`` for a cache that
+        spans devices."""
+        if len(self.storages) > 1:
+            raise RuntimeError(f"this SpecCache spans {len(self.storages)} devices: use .storages")
+        return self.storages[0] if self.storages else None
+
+    def ensure_capacity(self, end: int) -> None:
+        """Make room for ``end`` slots per row: grow (``grow=True``: reallocate with twice the room, copying;
+        counted in ``reallocations``) or raise."""
         if end <= self.max_length:
             return
         if not self.grow:
             raise ValueError(f"SpecCache is full: {end} slots needed but max_length={self.max_length}; "
                              f"allocate a larger max_length (or pass grow=True)")
         new_max = max(end, 2 * self.max_length)
-        old_storage, old_valid = self.storage, self.valid
-        self.max_length = new_max
-        L, _, B, H, _, D = old_storage.shape
-        self._allocate(B, H, D, old_storage.dtype, old_storage.device)
         filled = max(layer.length for layer in self.layers)
-        self.storage[..., :filled, :].copy_(old_storage[..., :filled, :])
-        self.valid[:, :filled].copy_(old_valid[:, :filled])
+        grown = []
+        for old in self.storages:
+            new = old.new_zeros(old.shape[:4] + (new_max, old.shape[5]))
+            new[..., :filled, :].copy_(old[..., :filled, :])
+            grown.append(new)
+        valid = self.valid.new_zeros(self.valid.shape[0], new_max)
+        valid[:, :filled].copy_(self.valid[:, :filled])
+        self.storages, self.valid, self.max_length = grown, valid, new_max
+        self.reallocations += 1
 
     @property
     def length(self) -> int:
@@ -220,7 +265,7 @@ class SpecCache(Cache):
 
     @property
     def batch_size(self) -> int:
-        return -1 if self.storage is None else self.storage.shape[2]
+        return -1 if not self.storages else self.storages[0].shape[2]
 
     def _common_length(self, what: str) -> int:
         lengths = {layer.length for layer in self.layers}
@@ -229,7 +274,9 @@ class SpecCache(Cache):
                                f"got lengths {[layer.length for layer in self.layers]}")
         return lengths.pop()
 
-    def _set_length(self, n: int) -> None:
+    def set_length(self, n: int) -> None:
+        """Set every layer's length to ``n`` (after a fixed-shape forward, or a rollback); slots ``>= n`` become
+        invalid."""
         for layer in self.layers:
             layer.length = n
         if self.valid is not None:
@@ -261,10 +308,10 @@ class SpecCache(Cache):
         if not 0 <= new <= length:
             raise ValueError(f"crop({n}) on a cache of length {length} would give length {new}; "
                              f"expected a result in [0, {length}]")
-        self._set_length(new)
+        self.set_length(new)
 
     def reset(self) -> None:
-        self._set_length(0)
+        self.set_length(0)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.select_rows(beam_idx)
@@ -273,8 +320,8 @@ class SpecCache(Cache):
         self.select_rows(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.storage is not None:
-            idx = torch.arange(self.storage.shape[2], device=self.storage.device).repeat_interleave(repeats)
+        if self.storages:
+            idx = torch.arange(self.batch_size, device=self.valid.device).repeat_interleave(repeats)
             self.select_rows(idx)
 
     # ---- runtime methods ----------------------------------------------------------------------------------
@@ -315,7 +362,7 @@ class SpecCache(Cache):
 
     def compact_(self, src_idx: torch.Tensor, dst_start: int | torch.Tensor, *, length: int | None = None,
                  check: bool | None = None) -> None:
-        """Compact every layer's keys and values with ONE :func:`vspec.ops.compact_kv_` call.
+        """Compact every layer's keys and values with ONE :func:`vspec.ops.compact_kv_` call (per device).
 
         For row ``b``: slots ``[0, dst_start[b])`` are kept as they are; slot ``dst_start[b] + j`` receives
         slot ``src_idx[b, j]`` (``-1``: a hole); everything after row ``b``'s last kept entry is dropped.
@@ -328,13 +375,19 @@ class SpecCache(Cache):
         """
         from vspec import ops
 
+        from .devices import on_device
+
         n = self._common_length("compact_")
-        if self.storage is None:
+        if not self.storages:
             raise RuntimeError("compact_ before the storage is allocated")
         if length is not None and not 0 <= int(length) <= n:
             raise ValueError(f"length must be in [0, {n}] (the length before compaction), got {length}")
-        st, dev = self.storage, self.storage.device
-        ops.compact_kv_(st[:, :, :, :, :n], src_idx, dst_start, check=check)
+        dev = self.valid.device
+        for st in self.storages:
+            with on_device(st.device):
+                ops.compact_kv_(st[:, :, :, :, :n], src_idx.to(st.device),
+                                dst_start.to(st.device) if isinstance(dst_start, torch.Tensor) else dst_start,
+                                check=check)
 
         B, K = src_idx.shape
         src = src_idx.to(device=dev, dtype=torch.int64)
@@ -353,23 +406,26 @@ class SpecCache(Cache):
             window = moved_valid.gather(1, rel.clamp(0, K - 1)) & in_window
         else:
             window = torch.zeros_like(in_window)
-        self.valid = torch.where(rel < 0, self.valid, window)
-        self._set_length(int(row_end.max()) if length is None else int(length))
+        self.valid.copy_(torch.where(rel < 0, self.valid, window))
+        self.set_length(int(row_end.max()) if length is None else int(length))
 
     def select_rows(self, batch_idx: torch.Tensor) -> None:
         """Keep (and reorder to) batch rows ``batch_idx`` (``[B']`` integer), e.g. to drop finished rows."""
-        if self.storage is None:
+        if not self.storages:
             return
         if not isinstance(batch_idx, torch.Tensor) or batch_idx.ndim != 1 or batch_idx.is_floating_point():
             raise ValueError(f"batch_idx must be a 1-D integer tensor, got {batch_idx!r}")
-        idx = batch_idx.to(device=self.storage.device, dtype=torch.int64)
-        self.storage = self.storage.index_select(2, idx)
-        self.valid = self.valid.index_select(0, idx)
+        self.storages = [st.index_select(2, batch_idx.to(device=st.device, dtype=torch.int64))
+                         for st in self.storages]
+        self.valid = self.valid.index_select(0, batch_idx.to(device=self.valid.device, dtype=torch.int64))
 
     @classmethod
     def from_dynamic(cls, cache: Cache, *, max_length: int, valid: torch.Tensor | None = None,
                      config=None, grow: bool = False) -> SpecCache:
         """A SpecCache holding a copy of ``cache``'s layers (e.g. a ``DynamicCache`` after a prefill).
+
+        Layers on different devices (a sharded model) go to one storage per device; ``valid`` lives on the
+        device of ``valid`` when given, else on layer 0's.
 
         valid: ``[B, S]`` mask of real tokens (the prefill's ``attention_mask``); default all valid.
         """
@@ -380,15 +436,28 @@ class SpecCache(Cache):
         B, H, S, D = k0.shape
         if S > max_length:
             raise ValueError(f"max_length={max_length} is smaller than the cache's length {S}")
-        out = cls(config, max_length=max_length, num_layers=len(layers), batch_size=B, num_kv_heads=H,
-                  head_dim=D, dtype=k0.dtype, device=k0.device, grow=grow)
+        out = cls(config, max_length=max_length, num_layers=len(layers), grow=grow)
+        devices: list[torch.device] = []
         for i, (k, v) in enumerate(layers):
             if k.shape != (B, H, S, D) or v.shape != (B, H, S, D):
                 raise ValueError(f"layer {i} of cache has keys {tuple(k.shape)} / values {tuple(v.shape)}, "
                                  f"expected {(B, H, S, D)} like layer 0")
-            out.storage[i, 0, :, :, :S].copy_(k)
-            out.storage[i, 1, :, :, :S].copy_(v)
-        out._set_length(S)
+            if k.device not in devices:
+                devices.append(k.device)
+        counts = [0] * len(devices)
+        for i, (k, _) in enumerate(layers):
+            d = devices.index(k.device)
+            out._where[i] = (d, counts[d])
+            counts[d] += 1
+        out.storages = [torch.zeros((c, 2, B, H, max_length, D), dtype=k0.dtype, device=dev)
+                        for c, dev in zip(counts, devices)]
+        vdev = valid.device if valid is not None else k0.device
+        out.valid = torch.zeros(B, max_length, dtype=torch.bool, device=vdev)
+        for i, (k, v) in enumerate(layers):
+            slab = out.layers[i]._slab()
+            slab[0, :, :, :S].copy_(k)
+            slab[1, :, :, :S].copy_(v)
+        out.set_length(S)
         out.valid[:, :S] = True
         if valid is not None:
             out.set_valid(valid)

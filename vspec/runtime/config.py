@@ -228,6 +228,13 @@ class SpecConfig:
     every row (rejected speculative slots of rows that accepted less than their neighbours).
     tree: ``None`` (chain drafting of ``draft_len`` tokens) or a :class:`TreeConfig` (tree drafting, greedy and
     ``verify="strict"`` only, serial only).
+    compile: the decode forwards of both models at fixed shapes, through ``torch.compile`` (the prefill stays
+    eager). ``False`` (default): eager, each forward attends over the slots in use. ``True``: ``torch.compile``'s
+    default mode; a string: that ``mode`` (``"reduce-overhead"`` captures CUDA graphs); a dict: keyword arguments
+    of ``torch.compile`` (e.g. ``{"backend": "eager"}`` checks the capture without code generation). Fixed
+    shapes: every decode forward attends over the whole preallocated storage under a 4-D mask and writes its new
+    slots at explicit indices, so its shapes depend only on (batch, new tokens); one compilation per shape. Same
+    output as eager (lossless). Not with ``verify="loose"`` (its detectors hook the target's layers).
     """
 
     draft_len: int = 6
@@ -245,6 +252,7 @@ class SpecConfig:
     seed: int = 0
     compact_holes: int = 64
     tree: TreeConfig | None = None
+    compile: bool | str | dict = False
 
     def __post_init__(self):
         if not isinstance(self.draft_len, int) or self.draft_len < 1:
@@ -279,6 +287,12 @@ class SpecConfig:
             raise ValueError("SpecConfig.adaptive_draft_len / draft_time_ratio need parallel=True")
         if self.draft_time_ratio is not None and not self.adaptive_draft_len:
             raise ValueError("SpecConfig.draft_time_ratio is used by adaptive_draft_len=True only; set both")
+        if not isinstance(self.compile, (bool, str, dict)):
+            raise TypeError(f"SpecConfig.compile must be a bool, a torch.compile mode or a dict of torch.compile "
+                            f"arguments, got {type(self.compile).__name__}")
+        if self.compile is not False and self.verify == "loose":
+            raise ValueError("SpecConfig.compile cannot be combined with verify='loose' (its anchor detectors hook "
+                             "the target's layers during the verify forward); use the eager path")
         if self.parallel and self.verify == "loose" and self.parallel_mode != "post":
             raise ValueError(f"SpecConfig(parallel=True, verify='loose') supports parallel_mode='post' only, got "
                              f"{self.parallel_mode!r}")

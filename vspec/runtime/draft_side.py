@@ -99,21 +99,22 @@ class DraftSideState(ModelState):
     (``RoundSteps.end_round`` reads it with the target's); ``valid`` always lives on the draft's device.
     """
 
-    def __init__(self, model, adapter, side: DraftSide):
+    def __init__(self, model, adapter, side: DraftSide, **state_kwargs):
         self.side = side
-        self._valid = None
-        super().__init__(model, adapter)
+        super().__init__(model, adapter, **state_kwargs)
 
     @property
     def valid(self):
-        return self._valid
+        return ModelState.valid.fget(self)
 
     @valid.setter
     def valid(self, v):
         if v is not None and (v.device != self.side.device or self.side.cuda):
             with self.side.run():
                 v = self.side.send(v)
-        self._valid = v
+                ModelState.valid.fset(self, v)
+            return
+        ModelState.valid.fset(self, v)
 
     def forward(self, **kw):
         with self.side.run():
@@ -153,8 +154,8 @@ class DraftSideState(ModelState):
     def last_valid(self) -> torch.Tensor:
         """``[B]`` physical index of each row's last valid slot (−1 if none), on the main side."""
         with self.side.run():
-            cols = torch.arange(self.length, device=self._valid.device)
-            out = torch.where(self._valid, cols, -1).amax(dim=1)
+            cols = torch.arange(self.length, device=self.valid.device)
+            out = torch.where(self.valid, cols, -1).amax(dim=1)
         return self.side.fetch(out)
 
 
@@ -169,15 +170,16 @@ class BridgedDraftState(DraftSideState):
         return self.side.fetch(super().forward_tree(**kw))
 
 
-def draft_state(model, adapter, main_device: torch.device):
+def draft_state(model, adapter, main_device: torch.device, **state_kwargs):
     """The draft's ``ModelState`` for the serial schedules.
 
     Same device as the target's inputs: a plain :class:`~vspec.runtime.state.ModelState`. Another device: a state
     that copies the tensors it is given to the draft's device and returns logits and ``extent()`` on
     ``main_device`` (one ``[B, n, V]`` logits copy per draft forward); no streams, so the draft's work and the
-    target's do not overlap — ``SpecConfig(parallel=True)`` is the schedule for that.
+    target's do not overlap — ``SpecConfig(parallel=True)`` is the schedule for that. ``state_kwargs`` go to the
+    state (``reserve``, ``fixed_shapes``, ``runner``: :class:`~vspec.runtime.state.ModelState`).
     """
     device = input_device(model)
     if device == torch.device(main_device):
-        return ModelState(model, adapter)
-    return BridgedDraftState(model, adapter, DraftSide(main_device, device, streams=False))
+        return ModelState(model, adapter, **state_kwargs)
+    return BridgedDraftState(model, adapter, DraftSide(main_device, device, streams=False), **state_kwargs)

@@ -193,9 +193,12 @@ class ParallelSchedule(Schedule):
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
             self.gen_d = torch.Generator(device=self.side.device).manual_seed(seed)
 
-    def states(self, prompt: Prompt) -> tuple[ModelState, DraftSideState]:
-        return (ModelState(self.steps.target, self.steps.t_adapter),
-                DraftSideState(self.steps.draft, self.steps.d_adapter, self.side))
+    def states(self, prompt: Prompt, call: CallState) -> tuple[ModelState, DraftSideState]:
+        reserve = self.reserve(call)
+        return (ModelState(self.steps.target, self.steps.t_adapter, reserve=reserve,
+                           **self.steps.state_kwargs("target")),
+                DraftSideState(self.steps.draft, self.steps.d_adapter, self.side, reserve=reserve,
+                               **self.steps.state_kwargs("draft")))
 
     # ---- prefill ------------------------------------------------------------------------------------------
     def run_prefill(self, prompt: Prompt, target: ModelState, draft: DraftSideState, plan: PrefillPlan,

@@ -39,15 +39,25 @@ class Schedule:
         self.prefill_steps = prefill
         self.config = steps.config
 
-    def states(self, prompt: Prompt) -> tuple[ModelState, ModelState]:
+    def reserve(self, call: CallState) -> int:
+        """Slots each model's storage holds beyond the prompt: the budget, the holes allowed before compaction,
+        and two rounds' appends (``ModelState`` grows, and counts it, should this ever be short)."""
+        tree = self.config.tree
+        width = tree.num_nodes if tree is not None else self.config.draft_len + 1
+        return call.max_new_tokens + self.config.compact_holes + 2 * width + 8
+
+    def states(self, prompt: Prompt, call: CallState) -> tuple[ModelState, ModelState]:
         """Fresh states of both models; a draft on another device gets a bridged state (copies, no streams)."""
-        target = ModelState(self.steps.target, self.steps.t_adapter)
-        draft = draft_state(self.steps.draft, self.steps.d_adapter, prompt.input_ids.device)
+        reserve = self.reserve(call)
+        target = ModelState(self.steps.target, self.steps.t_adapter, reserve=reserve,
+                            **self.steps.state_kwargs("target"))
+        draft = draft_state(self.steps.draft, self.steps.d_adapter, prompt.input_ids.device, reserve=reserve,
+                            **self.steps.state_kwargs("draft"))
         return target, draft
 
     def prefill(self, prompt: Prompt, call: CallState) -> tuple[ModelState, ModelState, torch.Tensor]:
         """Both models' states after the prefill, and the target's first token ``[B]``."""
-        target, draft = self.states(prompt)
+        target, draft = self.states(prompt, call)
         first = self.run_prefill(prompt, target, draft, plan_prefill(self.config, prompt), call)
         return target, draft, first
 

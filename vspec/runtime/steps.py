@@ -22,7 +22,7 @@ from .. import ops
 from .generation import History, chain_extra, tree_extra
 from .loop import CallState, DecodeState, DraftView
 from .models import Prompt
-from .state import ModelState
+from .state import ModelState, compiled_runner
 from .stats import SpecStats
 from .trees import TreeLevels
 
@@ -51,6 +51,15 @@ class RoundSteps:
         self.t_adapter = t_adapter
         self.d_adapter = d_adapter
         self.vocab = vocab
+        # what runs each model's fixed-shape decode forwards (SpecConfig.compile); built once, shared by calls
+        self.t_runner = compiled_runner(target, config.compile)
+        self.d_runner = compiled_runner(draft, config.compile)
+
+    def state_kwargs(self, role: str) -> dict:
+        """``ModelState`` keywords of the target's (``role="target"``) or the draft's state."""
+        if self.config.compile is False:
+            return {}
+        return dict(fixed_shapes=True, runner=self.t_runner if role == "target" else self.d_runner)
 
     # ---- start of decode ------------------------------------------------------------------------------------
     def start_decode(self, prompt: Prompt, lp: DecodeState, target: ModelState, draft: ModelState,
