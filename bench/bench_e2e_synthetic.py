@@ -11,9 +11,10 @@ acceptance is synthetic:
 * target: Qwen2.5-VL architecture with random weights, >= 1B parameters (CPU: hidden 1536, 20 layers, vocab
   152064, a 4-block vision tower; CUDA: Qwen2.5-VL-7B's shapes, bf16); draft: the same architecture with <= 10 % of
   the target's weights (CPU: hidden 512, 6 layers; CUDA: Qwen2.5-0.5B's shapes). A video prompt of ~300 tokens.
-* a reference ``target.generate`` run gives the target's own greedy continuation ``ref``. A forward hook on the
-  draft replaces the token it proposes for continuation index k (read off the position it predicts) by ``ref[k]``
-  with probability p and by another token otherwise, after every real draft forward. Everything else is real: the
+* a reference ``target.generate`` run gives the target's own greedy continuation ``ref``. A wrapper of the
+  draft's ``ModelState.forward`` (outside any compiled region) replaces the token it proposes for continuation
+  index k (read off the position it predicts) by ``ref[k]`` with probability p and by another token otherwise,
+  after every real draft forward. Everything else is real: the
   draft's compute, the target's verify forward, verification, rollback, and the output must equal ``ref``
   (``identical``).
 
@@ -51,6 +52,7 @@ import transformers  # noqa: E402
 from bench_e2e import git_sha, qwen25vl_config, random_model  # noqa: E402
 
 from vspec import SpecConfig, SpecDecoder  # noqa: E402
+from vspec.runtime.state import ModelState  # noqa: E402
 from vspec.testing import make_inputs  # noqa: E402
 
 NO_EOS = 10**6  # an id no model produces: every run generates exactly max_new_tokens
@@ -126,26 +128,57 @@ class Clock:
 
 
 class SyntheticAcceptance:
-    """A forward hook on the draft: the token proposed for continuation index k becomes ``ref[k]`` with
-    probability p, another token otherwise (the logits are overwritten so that this token is the argmax).
+    """Wraps ``ModelState.forward`` of the draft (outside any compiled region): the token proposed for continuation
+    index k becomes ``ref[k]`` with probability p, another token otherwise (the logits are overwritten so that
+    this token is the argmax).
 
-    k is read off the position the draft predicts: the prompt's last position is the largest one in the draft's
-    first call (its prefill); an output at position q predicts continuation index ``q − P_last``.
+    k is read off the logical position the draft predicts: the prompt's last position is the largest one in the
+    draft's first call (its prefill); an output at position q predicts continuation index ``q − P_last``.
+    ``clock``: also times every forward of both models (``(model, new tokens, ms)`` in ``calls``; CUDA: synced).
     """
 
-    def __init__(self, draft, ref: torch.Tensor, p: float, seed: int = 0):
-        self.ref = ref  # [N] the target's greedy continuation (batch 1)
-        self.p = p
-        self.gen = torch.Generator().manual_seed(seed)
-        self.p_last = None
-        self.handle = draft.register_forward_hook(self._hook, with_kwargs=True)
+    def __init__(self, draft, ref: torch.Tensor, p: float, seed: int, cuda: bool):
+        self.draft, self.ref, self.p, self.seed, self.cuda = draft, ref, p, seed, cuda
+        self.gen = torch.Generator()
+        self.clock = False
+        self.calls: list[tuple[str, int, float]] = []
+        self.restart()
 
-    def _hook(self, module, args, kwargs, out):
-        pos = kwargs["position_ids"]
-        text_pos = pos[0] if pos.ndim == 3 else pos  # [B, n]; M-RoPE rows agree on text tokens
+    def restart(self):
+        self.gen.manual_seed(self.seed)
+        self.p_last = None
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    @contextlib.contextmanager
+    def installed(self):
+        orig = ModelState.forward
+        hook = self
+
+        def forward(state, *args, **kwargs):
+            t0 = hook._now() if hook.clock else 0.0
+            logits = orig(state, *args, **kwargs)
+            if hook.clock:
+                n = kwargs["new_valid"].shape[1]
+                hook.calls.append(("draft" if state.model is hook.draft else "target", n,
+                                   1000 * (hook._now() - t0)))
+            if state.model is hook.draft:
+                hook._replace(logits, kwargs["positions"])
+            return logits
+
+        ModelState.forward = forward
+        try:
+            yield self
+        finally:
+            ModelState.forward = orig
+
+    def _replace(self, logits: torch.Tensor, positions: torch.Tensor) -> None:
+        text_pos = positions[0]  # [B, n] logical positions; M-RoPE rows agree on text tokens
         if self.p_last is None:
             self.p_last = int(text_pos.max())
-        logits = out.logits  # [B, L, V]
         L, V = logits.shape[1], logits.shape[2]
         k = (text_pos[:, -L:] - self.p_last).cpu()  # [B, L]
         inside = (k >= 0) & (k < self.ref.numel())
@@ -154,10 +187,6 @@ class SyntheticAcceptance:
         tok = torch.where(hit, want, (want + 1) % V).to(logits.device)
         logits.zero_()
         logits.scatter_(2, tok[..., None], 1.0)
-        return out
-
-    def remove(self):
-        self.handle.remove()
 
 
 def timed(fn, cuda: bool, repeats: int):
@@ -175,11 +204,27 @@ def timed(fn, cuda: bool, repeats: int):
     return statistics.median(times), out
 
 
-def spec_run(dec, hook: SyntheticAcceptance, inputs: dict, seed: int, gen_kw: dict, n: int):
+def spec_run(dec, hook: SyntheticAcceptance, inputs: dict, gen_kw: dict, n: int):
     """One ``dec.generate`` of n new tokens with the synthetic acceptance restarted (same coins every run)."""
-    hook.p_last = None
-    hook.gen.manual_seed(seed)
+    hook.restart()
     return dec.generate(**inputs, max_new_tokens=n, **gen_kw)
+
+
+def compiled_generate(target, inputs, n_new, gen_kw, ref, mode, cuda, repeats):
+    """``target.generate`` with transformers' static cache and its compiled decode step (the fair peer of the
+    compiled path): ``(median seconds or None, note)``."""
+    from transformers import CompileConfig
+
+    cc = CompileConfig(fullgraph=False, dynamic=False, **({"mode": mode} if mode else {}))
+    cc._compile_all_devices = True  # transformers compiles on CUDA only unless told
+    try:
+        with torch.inference_mode():
+            t, out = timed(lambda: target.generate(**inputs, max_new_tokens=n_new, cache_implementation="static",
+                                                   compile_config=cc, **gen_kw), cuda, repeats)
+    except Exception as e:  # noqa: BLE001 (reported in the CSV: which transformers/torch could not run it)
+        return None, f"did not run: {type(e).__name__}: {str(e)[:160]}"
+    same = torch.equal(out.cpu(), ref.cpu())
+    return t, f"{n_new / t:.2f} tok/s; output equal to eager generate: {same}"
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -225,7 +270,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="timed runs per point (median), after a warm-up")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-parallel", action="store_true", help="skip the parallel-schedule rows")
-    p.add_argument("--compile", action="store_true", help="also the compiled path (SpecConfig(compile=True))")
+    p.add_argument("--compile", action="store_true",
+                   help="also the compiled path (SpecConfig(compile=...)) and its peer, target.generate with "
+                        "transformers' static cache + compile")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode of the compiled rows (default: reduce-overhead on CUDA, default on CPU)")
     args = p.parse_args(argv)
 
     if args.threads:
@@ -255,7 +304,7 @@ def main(argv=None) -> int:
           f"{transformers.__version__}", flush=True)
 
     gen_kw = dict(do_sample=False, eos_token_id=NO_EOS, pad_token_id=0)
-    t_clock, d_clock = Clock(target, cuda), Clock(draft, cuda)
+    t_clock = Clock(target, cuda)
     with torch.inference_mode():
         with t_clock.on():
             t_gen, ref = timed(lambda: target.generate(**inputs, max_new_tokens=n_new, **gen_kw), cuda, args.repeats)
@@ -274,24 +323,30 @@ def main(argv=None) -> int:
     methods = [("eager-serial", {})]
     if not args.no_parallel:
         methods.append(("eager-parallel", dict(parallel=True)))
+    t_peer = None
     if args.compile:
-        methods += [(m.replace("eager", "compiled"), dict(kw, compile=True)) for m, kw in methods]
+        mode = args.compile_mode or ("reduce-overhead" if cuda else None)
+        setting = mode if mode else True
+        methods += [(m.replace("eager", "compiled"), dict(kw, compile=setting)) for m, kw in methods]
+        t_peer, note = compiled_generate(target, inputs, n_new, gen_kw, ref, mode, cuda, args.repeats)
+        rows.append(dict(base, method="target.generate static+compile", gamma="", p="", mal=1.0,
+                         tok_s=round(n_new / t_peer, 2) if t_peer else "", speedup=round(t_gen / t_peer, 3)
+                         if t_peer else "", note=note))
+        print(f"target.generate static+compile: {note}", flush=True)
     for method, extra in methods:
         for gamma in gammas:
             comp = {}
-            for prob in ps:
-                dec = SpecDecoder(target, draft, SpecConfig(draft_len=gamma, prune="none", **extra))
-                hook = SyntheticAcceptance(draft, ref_new, prob, seed=gamma)
-                try:
-                    with torch.inference_mode():
-                        run = functools.partial(spec_run, dec, hook, inputs, gamma, gen_kw)
-                        t_one, _ = timed(lambda: run(1), cuda, args.repeats)  # noqa: B023 (called at once)
-                        t_spec, out = timed(lambda: run(n_new), cuda, args.repeats)  # noqa: B023
-                        with t_clock.on(), d_clock.on():  # one more run, clocked (hooks sync on CUDA)
-                            run(n_new)
-                        t_calls, d_calls = list(t_clock.calls), list(d_clock.calls)
-                finally:
-                    hook.remove()
+            dec = SpecDecoder(target, draft, SpecConfig(draft_len=gamma, prune="none", **extra))  # one per γ:
+            for prob in ps:  # a compiled decoder keeps its graphs across p
+                hook = SyntheticAcceptance(draft, ref_new, prob, seed=gamma, cuda=cuda)
+                with torch.inference_mode(), hook.installed():
+                    run = functools.partial(spec_run, dec, hook, inputs, gen_kw)
+                    t_one, _ = timed(lambda: run(1), cuda, args.repeats)  # noqa: B023 (called at once)
+                    t_spec, out = timed(lambda: run(n_new), cuda, args.repeats)  # noqa: B023
+                    hook.clock = True  # one more run, clocked (syncs on CUDA, so not the timed ones)
+                    run(n_new)
+                t_calls = [(n, t) for who, n, t in hook.calls if who == "target"]
+                d_calls = [(n, t) for who, n, t in hook.calls if who == "draft"]
                 st = out.stats
                 identical = bool(torch.equal(out.sequences.cpu(), ref.cpu()))
                 # decode calls: the target's verify forwards (γ+1 tokens), the draft's steps (1 or 2 tokens)
@@ -309,7 +364,8 @@ def main(argv=None) -> int:
                            decode_speedup=round(dec_speed, 3), ideal_speedup=round(ideal, 3),
                            efficiency=round(dec_speed / ideal, 3), overhead_ms=round(overhead, 2),
                            overhead_frac=round(overhead / round_ms, 3), identical=identical,
-                           note=f"rounds {st.rounds}")
+                           note=f"rounds {st.rounds}" + (f"; {t_peer / t_spec:.2f}x over target.generate "
+                                                         f"static+compile" if t_peer and "compiled" in method else ""))
                 rows.append(row)
                 print(f"{method:15s} γ={gamma} p={prob:.2f}: MAL {mal:.2f}, {n_new / t_spec:.2f} tok/s, speedup "
                       f"{t_gen / t_spec:.2f}× (decode {dec_speed:.2f}×, ideal {ideal:.2f}×, efficiency "
@@ -318,7 +374,7 @@ def main(argv=None) -> int:
             rows.append(dict(base, method="component", gamma=gamma,
                              note=f"{method}: T_t(1) {t_t1:.1f} ms, T_t({gamma + 1}) {comp['t_verify']:.1f} ms, "
                                   f"T_d {comp['t_d']:.1f} ms"))
-    for h in t_clock.handles + d_clock.handles:
+    for h in t_clock.handles:
         h.remove()
 
     csv_path = out_dir / "e2e_synthetic.csv"

@@ -14,6 +14,8 @@
 #             against the device's copy bandwidth measured in the same run; on the CPU: their smoke parts, no CSV)
 #   e2e       bench_e2e.py (GPU: a 7B-shaped Qwen2.5-VL target in bf16 with its draft; smoke: tiny models)
 #   parallel  bench_parallel.py (serial vs post / pre / pearl; GPU: two CUDA streams)
+#   synthetic bench_e2e_synthetic.py (GPU: 7B / 0.5B shapes in bf16, synthetic acceptance, eager vs compiled with
+#             CUDA graphs, serial vs parallel, and target.generate with static cache + compile; smoke: tiny models)
 #   demo      python -m vspec demo on the shipped pair
 # Run with PYTHONPATH=. where vspec is not installed (the device machine): the script sets it.
 set -uo pipefail
@@ -71,6 +73,7 @@ if [ "$SMOKE" -eq 1 ]; then
     step e2e "$PY" bench/bench_e2e.py --cpu --families qwen2_5_vl --batches 1 --max-new-tokens 8 --repeats 1 \
         --out "$OUT/e2e.csv"
     step parallel "$PY" bench/bench_parallel.py --cpu --max-new-tokens 8 --repeats 1 --out "$OUT/parallel.csv"
+    step synthetic "$PY" bench/bench_e2e_synthetic.py --tiny --no-parallel --gammas 2 --ps 0.9 --out "$OUT"
     step demo "$PY" -m vspec demo --clips 2 --max-new-tokens 16
 else
     step tests "$PY" -m pytest tests/kernels tests/runtime/test_parallel.py -q -p no:cacheprovider -x
@@ -80,6 +83,7 @@ else
     step gated_delta "$PY" bench/bench_gated_delta.py --out "$OUT/gated_delta.csv"
     step e2e "$PY" bench/bench_e2e.py --out "$OUT/e2e.csv"
     step parallel "$PY" bench/bench_parallel.py --quick --out "$OUT/parallel.csv"
+    step synthetic "$PY" bench/bench_e2e_synthetic.py --quick --compile --out "$OUT"
     step demo "$PY" -m vspec demo
 fi
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ["env", "tests", "scoring", "verify", "kv", "gated_delta", "e2e", "parallel", "demo"]
+STEPS = ["env", "tests", "scoring", "verify", "kv", "gated_delta", "e2e", "parallel", "synthetic", "demo"]
 
 
 def test_gpu_check_smoke_runs_every_step(tmp_path):
@@ -23,6 +23,6 @@ def test_gpu_check_smoke_runs_every_step(tmp_path):
     env_txt = (tmp_path / "env.txt").read_text()
     for key in ("device:", "torch:", "triton:", "transformers:", "vspec git:"):
         assert key in env_txt, env_txt
-    for csv in ("e2e.csv", "parallel.csv"):
+    for csv in ("e2e.csv", "parallel.csv", "e2e_synthetic.csv"):
         assert len((tmp_path / csv).read_text().splitlines()) > 1, csv
     assert "== summary" in proc.stdout

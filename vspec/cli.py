@@ -106,15 +106,20 @@ def cmd_bench(args) -> int:
 
     if not torch.cuda.is_available():
         print("No CUDA device: each benchmark runs its CPU smoke part only (no GPU timings).")
+    scripts = suites[args.suite]
+    rest = list(args.rest)
+    if args.suite == "e2e" and "--synthetic" in rest:  # the synthetic-acceptance benchmark at real cost ratios
+        rest.remove("--synthetic")
+        scripts = ["bench_e2e_synthetic.py"]
     rc = 0
-    for script in suites[args.suite]:
+    for script in scripts:
         path = bench_dir / script
         if not path.exists():
             print(f"missing {path}", file=sys.stderr)
             rc = 1
             continue
         print(f"== {script}", flush=True)
-        rc |= subprocess.call([sys.executable, str(path), *args.rest], cwd=root)
+        rc |= subprocess.call([sys.executable, str(path), *rest], cwd=root)
     return rc
 
 
@@ -404,10 +409,12 @@ def main(argv=None) -> int:
     demo.add_argument("--repeats", type=int, default=1, help="timed runs per batch; the median is reported")
     demo.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest for tiny models)")
     demo.set_defaults(fn=cmd_demo)
-    bench = sub.add_parser("bench", help="run a benchmark suite: quality | kernels | e2e",
+    bench = sub.add_parser("bench", help="run a benchmark suite: quality | kernels | e2e [--synthetic]",
                            description="quality: MAL against pruning and loose against strict on the demo pair "
-                                       "(needs --out DIR); kernels / e2e: the bench/ scripts of a source checkout. "
-                                       "Arguments after the suite name go to the suite (try `bench quality --help`).")
+                                       "(needs --out DIR); kernels / e2e: the bench/ scripts of a source checkout; "
+                                       "e2e --synthetic --out DIR: end-to-end speed at real model-size ratios with "
+                                       "synthetic acceptance (bench/bench_e2e_synthetic.py). Arguments after the "
+                                       "suite name go to the suite (try `bench quality --help`).")
     bench.add_argument("suite", help="quality | kernels | e2e")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the suite")
     bench.set_defaults(fn=cmd_bench)
