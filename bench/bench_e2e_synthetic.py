@@ -189,9 +189,9 @@ class SyntheticAcceptance:
         logits.scatter_(2, tok[..., None], 1.0)
 
 
-def timed(fn, cuda: bool, repeats: int):
-    """``(median seconds, last output)`` over ``repeats`` runs after one warm-up run."""
-    out = fn()
+def timed(fn, cuda: bool, repeats: int, warmup: bool = True):
+    """``(median seconds, last output)`` over ``repeats`` runs after one warm-up run (``warmup``)."""
+    out = fn() if warmup else None
     times = []
     for _ in range(repeats):
         if cuda:
@@ -237,9 +237,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     rows = [r for r in rows if r.get("ideal_speedup") not in (None, "")]
     methods = sorted({r["method"] for r in rows})
     for m in methods:
-        for g in sorted({r["gamma"] for r in rows if r["method"] == m}):
+        for g in sorted({int(r["gamma"]) for r in rows if r["method"] == m}):
             pts = sorted((float(r["mal"]), float(r["decode_speedup"]), float(r["ideal_speedup"]))
-                         for r in rows if r["method"] == m and r["gamma"] == g)
+                         for r in rows if r["method"] == m and int(r["gamma"]) == g)
             if not pts:
                 continue
             line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{m} γ={g} measured")
@@ -270,6 +270,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="timed runs per point (median), after a warm-up")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-parallel", action="store_true", help="skip the parallel-schedule rows")
+    p.add_argument("--no-eager", action="store_true", help="skip the eager rows (with --compile: compiled only)")
+    p.add_argument("--append", action="store_true", help="add the rows to OUT/e2e_synthetic.csv (plot all)")
     p.add_argument("--compile", action="store_true",
                    help="also the compiled path (SpecConfig(compile=...)) and its peer, target.generate with "
                         "transformers' static cache + compile")
@@ -323,26 +325,30 @@ def main(argv=None) -> int:
     methods = [("eager-serial", {})]
     if not args.no_parallel:
         methods.append(("eager-parallel", dict(parallel=True)))
+    eager = methods if not args.no_eager else []
     t_peer = None
     if args.compile:
         mode = args.compile_mode or ("reduce-overhead" if cuda else None)
         setting = mode if mode else True
-        methods += [(m.replace("eager", "compiled"), dict(kw, compile=setting)) for m, kw in methods]
+        eager = eager + [(m.replace("eager", "compiled"), dict(kw, compile=setting)) for m, kw in methods]
         t_peer, note = compiled_generate(target, inputs, n_new, gen_kw, ref, mode, cuda, args.repeats)
         rows.append(dict(base, method="target.generate static+compile", gamma="", p="", mal=1.0,
                          tok_s=round(n_new / t_peer, 2) if t_peer else "", speedup=round(t_gen / t_peer, 3)
                          if t_peer else "", note=note))
         print(f"target.generate static+compile: {note}", flush=True)
-    for method, extra in methods:
+    for method, extra in eager:
         for gamma in gammas:
             comp = {}
             dec = SpecDecoder(target, draft, SpecConfig(draft_len=gamma, prune="none", **extra))  # one per γ:
+            t_one = None
             for prob in ps:  # a compiled decoder keeps its graphs across p
                 hook = SyntheticAcceptance(draft, ref_new, prob, seed=gamma, cuda=cuda)
                 with torch.inference_mode(), hook.installed():
                     run = functools.partial(spec_run, dec, hook, inputs, gen_kw)
-                    t_one, _ = timed(lambda: run(1), cuda, args.repeats)  # noqa: B023 (called at once)
-                    t_spec, out = timed(lambda: run(n_new), cuda, args.repeats)  # noqa: B023
+                    if t_one is None:  # the prefill (+ 1 token) does not depend on p: once per decoder
+                        t_one, _ = timed(lambda: run(1), cuda, args.repeats)  # noqa: B023 (called at once)
+                    # warm-up (compilation, caches) with the first p only
+                    t_spec, out = timed(lambda: run(n_new), cuda, args.repeats, warmup=prob == ps[0])  # noqa: B023
                     hook.clock = True  # one more run, clocked (syncs on CUDA, so not the timed ones)
                     run(n_new)
                 t_calls = [(n, t) for who, n, t in hook.calls if who == "target"]
@@ -378,6 +384,9 @@ def main(argv=None) -> int:
         h.remove()
 
     csv_path = out_dir / "e2e_synthetic.csv"
+    if args.append and csv_path.exists():  # a second invocation (e.g. the compiled rows) adds to the first's
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f)) + rows
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
