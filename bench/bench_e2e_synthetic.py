@@ -20,8 +20,9 @@ acceptance is synthetic:
 
 Rows (``e2e_synthetic.csv``): per method (``eager-serial``, ``eager-parallel``, and ``compiled-*`` with
 ``--compile``), γ and p: ``mal``; ``tok_s`` (new tokens / median wall time); ``speedup`` over ``target.generate``
-end to end (prefill included, same run); ``decode_speedup``: the same over the decode phase only (each side's
-time for ``max_new_tokens`` minus its time for one token, which is its prefill); ``ideal_speedup`` =
+end to end (prefill included, same run); ``decode_speedup``: the same over the decode phase only (timed inside
+each run: from the end of the target's first forward in ``generate``, from ``RoundSteps.start_decode`` in vspec,
+i.e. after both models' prefills); ``ideal_speedup`` =
 MAL × T_t(1) / (T_t(γ+1) + γ·T_d) from component costs measured in the same run (T_t(n): one target forward
 over n new tokens at this context, timed inside the runs by forward hooks; T_d: one draft step); ``efficiency`` =
 decode_speedup / ideal_speedup (the ideal is a decode-phase figure); ``overhead_ms``: the runtime's own time per
@@ -53,6 +54,7 @@ from bench_e2e import git_sha, qwen25vl_config, random_model  # noqa: E402
 
 from vspec import SpecConfig, SpecDecoder  # noqa: E402
 from vspec.runtime.state import ModelState  # noqa: E402
+from vspec.runtime.steps import RoundSteps  # noqa: E402
 from vspec.testing import make_inputs  # noqa: E402
 
 NO_EOS = 10**6  # an id no model produces: every run generates exactly max_new_tokens
@@ -189,6 +191,61 @@ class SyntheticAcceptance:
         logits.scatter_(2, tok[..., None], 1.0)
 
 
+class DecodeMark:
+    """When a run's decode phase starts: after the target's first forward (its prefill) in ``generate``
+    (a forward hook), at ``RoundSteps.start_decode`` in vspec (patched while installed). ``t0`` is None until
+    then; ``reset`` before each run."""
+
+    def __init__(self, target, cuda: bool):
+        self.cuda, self.t0 = cuda, None
+        self.handle = target.register_forward_hook(self._post)
+        self.gen_on = False
+
+    def reset(self, gen: bool):
+        self.t0, self.gen_on = None, gen
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _post(self, module, args, out):
+        if self.gen_on and self.t0 is None:
+            self.t0 = self.now()
+
+    @contextlib.contextmanager
+    def on_start_decode(self):
+        orig = RoundSteps.start_decode
+        mark = self
+
+        def start_decode(*args, **kwargs):
+            if mark.t0 is None:
+                mark.t0 = mark.now()
+            return orig(*args, **kwargs)
+
+        RoundSteps.start_decode = start_decode
+        try:
+            yield
+        finally:
+            RoundSteps.start_decode = orig
+
+
+def timed_phases(fn, mark: DecodeMark, gen: bool, cuda: bool, repeats: int, warmup: bool = True):
+    """``(median seconds, median decode-phase seconds, last output)`` over ``repeats`` runs after a warm-up run;
+    the decode phase runs from ``mark.t0`` (set inside the run) to the end."""
+    out = fn() if warmup else None
+    totals, decodes = [], []
+    for _ in range(repeats):
+        mark.reset(gen)
+        t = mark.now()
+        out = fn()
+        end = mark.now()
+        totals.append(end - t)
+        decodes.append(end - (mark.t0 if mark.t0 is not None else t))
+    mark.reset(False)
+    return statistics.median(totals), statistics.median(decodes), out
+
+
 def timed(fn, cuda: bool, repeats: int, warmup: bool = True):
     """``(median seconds, last output)`` over ``repeats`` runs after one warm-up run (``warmup``)."""
     out = fn() if warmup else None
@@ -307,11 +364,17 @@ def main(argv=None) -> int:
 
     gen_kw = dict(do_sample=False, eos_token_id=NO_EOS, pad_token_id=0)
     t_clock = Clock(target, cuda)
+    mark = DecodeMark(target, cuda)
     with torch.inference_mode():
-        with t_clock.on():
-            t_gen, ref = timed(lambda: target.generate(**inputs, max_new_tokens=n_new, **gen_kw), cuda, args.repeats)
+        t_gen, t_gen_dec, ref = timed_phases(lambda: target.generate(**inputs, max_new_tokens=n_new, **gen_kw),
+                                             mark, True, cuda, args.repeats)
+        with t_clock.on():  # one more run, clocked: the target's one-token forward
+            target.generate(**inputs, max_new_tokens=n_new, **gen_kw)
         t_t1 = t_clock.median(1)
-        t_gen1, _ = timed(lambda: target.generate(**inputs, max_new_tokens=1, **gen_kw), cuda, args.repeats)
+    for h in t_clock.handles:  # no hooks on the models from here on (dynamo would trace them)
+        h.remove()
+    mark.handle.remove()
+    t_gen1 = t_gen - t_gen_dec  # the prefill (and first token)
     ref_new = ref[0, context:].cpu()
     assert ref_new.numel() == n_new
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
@@ -340,15 +403,14 @@ def main(argv=None) -> int:
         for gamma in gammas:
             comp = {}
             dec = SpecDecoder(target, draft, SpecConfig(draft_len=gamma, prune="none", **extra))  # one per γ:
-            t_one = None
             for prob in ps:  # a compiled decoder keeps its graphs across p
                 hook = SyntheticAcceptance(draft, ref_new, prob, seed=gamma, cuda=cuda)
                 with torch.inference_mode(), hook.installed():
                     run = functools.partial(spec_run, dec, hook, inputs, gen_kw)
-                    if t_one is None:  # the prefill (+ 1 token) does not depend on p: once per decoder
-                        t_one, _ = timed(lambda: run(1), cuda, args.repeats)  # noqa: B023 (called at once)
                     # warm-up (compilation, caches) with the first p only
-                    t_spec, out = timed(lambda: run(n_new), cuda, args.repeats, warmup=prob == ps[0])  # noqa: B023
+                    with mark.on_start_decode():
+                        t_spec, t_spec_dec, out = timed_phases(lambda: run(n_new), mark, False, cuda,  # noqa: B023
+                                                               args.repeats, warmup=prob == ps[0])
                     hook.clock = True  # one more run, clocked (syncs on CUDA, so not the timed ones)
                     run(n_new)
                 t_calls = [(n, t) for who, n, t in hook.calls if who == "target"]
@@ -361,9 +423,9 @@ def main(argv=None) -> int:
                 comp = dict(t_verify=t_verify, t_d=t_d)
                 mal = st.mean_accepted_length
                 ideal = mal * t_t1 / (t_verify + gamma * t_d)
-                dec_speed = (t_gen - t_gen1) / max(t_spec - t_one, 1e-9)
+                dec_speed = t_gen_dec / t_spec_dec
                 decode_fwd_ms = sum(t for n, t in t_calls + d_calls if n <= gamma + 1)
-                round_ms = 1000 * (t_spec - t_one) / st.rounds
+                round_ms = 1000 * t_spec_dec / st.rounds
                 overhead = round_ms - decode_fwd_ms / st.rounds
                 row = dict(base, method=method, gamma=gamma, p=prob, mal=round(mal, 3),
                            tok_s=round(n_new / t_spec, 2), speedup=round(t_gen / t_spec, 3),
@@ -380,8 +442,6 @@ def main(argv=None) -> int:
             rows.append(dict(base, method="component", gamma=gamma,
                              note=f"{method}: T_t(1) {t_t1:.1f} ms, T_t({gamma + 1}) {comp['t_verify']:.1f} ms, "
                                   f"T_d {comp['t_d']:.1f} ms"))
-    for h in t_clock.handles:
-        h.remove()
 
     csv_path = out_dir / "e2e_synthetic.csv"
     if args.append and csv_path.exists():  # a second invocation (e.g. the compiled rows) adds to the first's
