@@ -10,12 +10,14 @@ batch row can accept a different number of tokens than its neighbours without mo
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
 
 from .. import ops
 from .devices import group_by_device, on_device
+from .linear_state import LinearAttentionState
 from .models import ModelAdapter
 
 
@@ -41,7 +43,10 @@ def cache_keyword(model) -> str:
 class ModelState:
     """Cache + validity mask of one model for the active batch rows.
 
-    valid: ``[B, S]`` bool over the physical cache slots.
+    valid: ``[B, S]`` bool over the physical cache slots. linear: the states of a hybrid model's linear-attention
+    layers (:class:`~vspec.runtime.linear_state.LinearAttentionState`, None for a pure-attention model): they are
+    rolled back exactly at :meth:`invalidate` / :meth:`truncate`, not masked; the KV methods below touch the
+    attention layers only.
     """
 
     def __init__(self, model, adapter: ModelAdapter):
@@ -53,6 +58,14 @@ class ModelState:
         self._cache_kw = cache_keyword(model)
         self.valid: torch.Tensor | None = None
         self.calls = 0
+        # [linear-attention hook] the linear layers' states live outside the cache; only attention layers hold KV
+        linear = adapter.linear_attention_modules()
+        self.linear = LinearAttentionState(linear) if linear else None
+        self._kv_skip = frozenset(linear)
+
+    def _kv_layers(self) -> list:
+        """The cache layers that hold keys and values (a hybrid model's linear-attention layers do not)."""
+        return [layer for i, layer in enumerate(self.cache.layers) if i not in self._kv_skip]
 
     @property
     def length(self) -> int:
@@ -64,17 +77,21 @@ class ModelState:
 
         positions: ``[P, B, n]`` logical positions; new_valid: ``[B, n]`` bool.
         """
+        start = self.length
         self.valid = new_valid if self.valid is None else torch.cat([self.valid, new_valid], dim=1)
-        out = self.model(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            position_ids=self.adapter.model_position_ids(positions),
-            attention_mask=self.valid.long(),
-            **{self._cache_kw: self.cache},
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
-            **model_kwargs,
-        )
+        # [linear-attention hook] linear layers read/write self.linear during this forward, skipping holes
+        linear = self.linear.step(start, new_valid) if self.linear is not None else contextlib.nullcontext()
+        with linear:
+            out = self.model(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                position_ids=self.adapter.model_position_ids(positions),
+                attention_mask=self.valid.long(),
+                **{self._cache_kw: self.cache},
+                use_cache=True,
+                logits_to_keep=logits_to_keep,
+                **model_kwargs,
+            )
         self.calls += 1
         return out.logits
 
@@ -90,6 +107,9 @@ class ModelState:
         dtype: transformers passes a 4-D mask through unchanged, sdpa adds a float mask and eager attention adds
         whatever it gets (a bool mask would be added as 0/1 there), so this one format serves both.
         """
+        if self.linear is not None:  # [linear-attention hook]
+            raise NotImplementedError("tree forwards need a linear-attention state per tree node; hybrid models "
+                                      "(Qwen3.5) decode with chains")
         B, n, k = tree_mask.shape
         prev = self.valid if self.valid is not None else tree_mask.new_zeros(B, 0)
         head = prev[:, : prev.shape[1] + n - k]
@@ -111,6 +131,9 @@ class ModelState:
     def keep_only(self, start: int, keep: torch.Tensor) -> None:
         """Slots ``[start, start + n)`` of row b stay valid only where ``keep[b]`` ``[B, n]`` is True (the rest
         become holes): a device op, no sync."""
+        if self.linear is not None:  # [linear-attention hook]
+            raise NotImplementedError("keep_only cannot roll back linear-attention layers (only a suffix can be "
+                                      "rejected: ModelState.invalidate)")
         n = keep.shape[1]
         self.valid[:, start:start + n] &= keep
 
@@ -118,7 +141,9 @@ class ModelState:
         """Roll the physical length back to ``n`` slots (a pointer move on every layer)."""
         if n >= self.length:
             return
-        for layer in self.cache.layers:
+        if self.linear is not None:  # [linear-attention hook]
+            self.linear.truncate(n)
+        for layer in self._kv_layers():
             layer.keys = layer.keys[..., :n, :]
             layer.values = layer.values[..., :n, :]
         self.valid = self.valid[:, :n]
@@ -129,6 +154,11 @@ class ModelState:
         With ``trim`` the trailing all-hole slots are dropped at once (a host sync); the decode loop passes
         ``trim=False`` and calls :meth:`truncate` with the length from :meth:`extent`, read in its one sync.
         """
+        if self.linear is not None:  # [linear-attention hook] exact rollback of the rejected suffix
+            if stop != self.length:
+                raise NotImplementedError(f"linear-attention layers can only reject a suffix: stop must be the "
+                                          f"length {self.length}, got {stop}")
+            self.linear.rollback(start)
         cols = torch.arange(self.length, device=self.valid.device)
         self.valid &= ~((cols[None, :] >= start[:, None]) & (cols[None, :] < stop))
         if trim:
@@ -143,7 +173,9 @@ class ModelState:
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only batch rows ``rows`` (finished rows stop costing work)."""
-        for device, layers in group_by_device(self.cache.layers).items():  # a sharded model's layers span devices
+        if self.linear is not None:  # [linear-attention hook]
+            self.linear.select_rows(rows)
+        for device, layers in group_by_device(self._kv_layers()).items():  # a sharded model's layers span devices
             idx = rows.to(device)
             for layer in layers:
                 layer.keys = layer.keys.index_select(0, idx)
@@ -159,10 +191,12 @@ class ModelState:
 
         fullest: valid slots of the fullest row, when the caller has it on the host (no sync then).
         """
+        if self.linear is not None:  # [linear-attention hook] the states hold no slots; slot indices change here
+            self.linear.settle()
         src_idx = padded_indices(self.valid, fullest)
         k_max = src_idx.shape[1]
         # one launch per device the cache spans (a sharded model: its layers' devices; else one)
-        for device, layers in group_by_device(self.cache.layers).items():
+        for device, layers in group_by_device(self._kv_layers()).items():
             with on_device(device):
                 kv = torch.stack([torch.stack([layer.keys, layer.values]) for layer in layers])
                 ops.compact_kv_(kv, src_idx.to(device), 0)

@@ -1,0 +1,253 @@
+"""Linear-attention (Gated DeltaNet) state of a hybrid model, with exact per-row rollback.
+
+A hybrid model (Qwen3.5: 3 of every 4 decoder layers are Gated DeltaNet) cannot undo a rejected draft token by
+masking: the layer's recurrent state ``[B, Hv, Dk, Dv]`` and its short-conv window ``[B, C, W]`` have already
+absorbed it. :class:`LinearAttentionState` therefore holds those states itself (``ModelState`` owns one; the model's
+own cache object is never asked for them) and runs every linear layer of vspec's forwards through
+:meth:`LinearAttentionState.layer_forward`, a replacement of the module's forward that
+
+* feeds the step's tokens from the current state with ``ops.gated_delta_verify`` (no state written) and keeps what
+  a rollback needs: the state before the step and the step's q, k, v, g, beta and conv inputs (a *journal*, per
+  layer, of the steps since the last settle);
+* skips hole tokens exactly (slots of the step whose ``new_valid`` is False: left padding, a row with fewer tokens
+  to feed this round): the conv window is slid over the row's valid tokens only, and a hole gets g = 0 and
+  beta = 0, so the recurrence passes the state through unchanged (S · exp(0) + k ⊗ 0 = S). A zeroed hole input would
+  NOT do: it still decays the state through g and shifts the conv window;
+* materialises the state after a step lazily, when the next step of that layer needs it
+  (``ops.gated_delta_commit`` over all of the step's tokens, ``ops.causal_conv_state_commit`` for the window).
+
+:meth:`rollback` (``ModelState.invalidate`` of a suffix, ``truncate``) sets each row's state to what the row's
+slots before ``cut[b]`` produce: the journal step holding slot ``cut[b]`` is replayed over its first
+``cut[b] − start`` tokens from its own starting state (``gated_delta_commit`` with that accept length; the conv
+window with ``causal_conv_state_commit``), so after a verify round every row holds what plain ``generate`` holds
+after the row's accepted tokens. Device ops only, no host sync. A chain round's target needs ONE commit per layer
+(its verify step); the draft's single-token steps replay from their starting states (the "snapshots").
+
+What the journal cannot express is refused: keeping a non-suffix subset of slots (trees: per-node states would be
+needed) and compaction with an unsettled journal (:meth:`settle` first; slot indices change).
+
+The replacement forward is installed on the model's linear-attention modules only while one of vspec's forwards
+runs (reference-counted across threads); in a thread without an active state, or on another model's state, the
+module runs its own forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+
+_local = threading.local()
+_install_lock = threading.Lock()
+_installed: dict[int, list] = {}  # id(module) -> [refcount, module, its own instance forward or None]
+
+
+@dataclass
+class _Step:
+    """One forward's record for one layer: the state before it and what replays it.
+
+    pre_rec ``[B, Hv, Dk, Dv]`` float32, pre_conv ``[B, C, W]``; q, k ``[B, n, Hk, Dk]``, v ``[B, n, Hv, Dv]``,
+    g, beta ``[B, n, Hv]`` (0 at holes); x ``[B, C, n]`` the conv inputs with each row's valid tokens first (left
+    compacted); n_valid ``[B, n]`` long: valid tokens among the first t + 1 of the step.
+    """
+
+    start: int
+    n: int
+    pre_rec: torch.Tensor
+    pre_conv: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    g: torch.Tensor
+    beta: torch.Tensor
+    x: torch.Tensor
+    n_valid: torch.Tensor
+
+
+class _Layer:
+    """One linear layer's state: ``rec`` / ``conv`` after every materialised step (None: nothing fed yet),
+    ``journal`` the steps since the last settle (the last one possibly not materialised: ``pending``)."""
+
+    def __init__(self):
+        self.rec: torch.Tensor | None = None
+        self.conv: torch.Tensor | None = None
+        self.pending: _Step | None = None
+        self.journal: list[_Step] = []
+
+
+def _replay(step: _Step, k: torch.Tensor):
+    """``(rec, conv)`` after the first ``k[b]`` tokens ``[B]`` (0 .. n) of ``step`` from its starting state."""
+    acc = (k - 1).clamp(0, step.n - 1)
+    rec = ops.gated_delta_commit(step.q, step.k, step.v, step.g, step.beta, step.pre_rec, acc, use_qk_l2norm=True)
+    rec = torch.where((k > 0)[:, None, None, None], rec, step.pre_rec)
+    j = torch.gather(step.n_valid, 1, acc[:, None]).squeeze(1) * (k > 0)  # valid tokens among the first k
+    conv = ops.causal_conv_state_commit(step.pre_conv, step.x, (j - 1).clamp_min(0))
+    conv = torch.where((j > 0)[:, None, None], conv, step.pre_conv)
+    return rec, conv
+
+
+class LinearAttentionState:
+    """Recurrent and conv states of a hybrid model's linear-attention layers for the active batch rows.
+
+    modules: ``{layer_idx: module}`` (the adapter's ``linear_attention_modules()``).
+    ``ModelState`` calls :meth:`step` around each forward, :meth:`rollback` / :meth:`truncate` / :meth:`select_rows`
+    / :meth:`settle` from its own methods of those names (see the module docstring).
+    """
+
+    def __init__(self, modules: dict):
+        self.modules = dict(modules)
+        self.layers = {i: _Layer() for i in self.modules}
+        self._start = 0
+        self._valid: torch.Tensor | None = None
+
+    # ---- forwards ---------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def step(self, start: int, new_valid: torch.Tensor):
+        """Run the linear layers of the forward inside the block through :meth:`layer_forward`: the forward appends
+        slots ``[start, start + n)``, ``new_valid [B, n]`` bool marks each row's real tokens (the rest are holes)."""
+        self._start, self._valid = start, new_valid
+        prev = getattr(_local, "state", None)
+        _local.state = self
+        _install(self.modules.values())
+        try:
+            yield
+        finally:
+            _uninstall(self.modules.values())
+            _local.state = prev
+            self._valid = None
+
+    def _current(self, layer: _Layer):
+        if layer.pending is not None:
+            step, layer.pending = layer.pending, None
+            layer.rec, layer.conv = _replay(step, torch.full_like(step.n_valid[:, 0], step.n))
+        return layer.rec, layer.conv
+
+    def layer_forward(self, mod, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The Gated DeltaNet layer ``mod`` (transformers' ``Qwen3_5GatedDeltaNet`` and its MoE twin) over
+        ``hidden_states [B, n, H]`` from this state; what transformers' forward computes for the row's valid tokens
+        (hole rows' outputs are unspecified)."""
+        layer = self.layers[mod.layer_idx]
+        valid = self._valid.to(hidden_states.device)
+        B, n, _ = hidden_states.shape
+        rec, conv = self._current(layer)
+        x = mod.in_proj_qkv(hidden_states).transpose(1, 2)  # [B, C, n]
+        z = mod.in_proj_z(hidden_states).reshape(B, n, -1, mod.head_v_dim)
+        b = mod.in_proj_b(hidden_states)
+        a = mod.in_proj_a(hidden_states)
+        C, W = x.shape[1], mod.conv_kernel_size
+        if conv is None:
+            conv = x.new_zeros(B, C, W)
+        if rec is None:
+            rec = torch.zeros(B, mod.num_v_heads, mod.head_k_dim, mod.head_v_dim, dtype=torch.float32,
+                              device=x.device)
+        # Slide the conv over each row's valid tokens only: valid tokens first (stable), conv, then back in place.
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+        x_c = torch.gather(x, 2, order[:, None, :].expand(-1, C, -1))
+        weight = mod.conv1d.weight.squeeze(1)
+        y = F.conv1d(torch.cat([conv, x_c], dim=-1).to(weight.dtype), weight.unsqueeze(1), mod.conv1d.bias,
+                     groups=C)[..., -n:]
+        y = F.silu(y) if mod.activation in ("silu", "swish") else _act(mod.activation)(y)
+        y = torch.gather(y.to(x.dtype), 2, torch.argsort(order, dim=1)[:, None, :].expand(-1, C, -1))
+        y = (y * valid[:, None, :]).transpose(1, 2)
+        q, k, v = torch.split(y, [mod.key_dim, mod.key_dim, mod.value_dim], dim=-1)
+        q = q.reshape(B, n, -1, mod.head_k_dim)
+        k = k.reshape(B, n, -1, mod.head_k_dim)
+        v = v.reshape(B, n, -1, mod.head_v_dim)
+        beta = b.sigmoid() * valid[..., None]
+        g = -mod.A_log.float().exp() * F.softplus(a.float() + mod.dt_bias)
+        g = g * valid[..., None]  # a hole neither decays nor updates the state
+        o = ops.gated_delta_verify(q, k, v, g, beta, rec, use_qk_l2norm=True)
+        step = _Step(self._start, n, rec, conv, q, k, v, g, beta, x_c, valid.long().cumsum(dim=1))
+        layer.pending = step
+        layer.journal.append(step)
+        o = mod.norm(o.reshape(-1, mod.head_v_dim), z.reshape(-1, mod.head_v_dim)).reshape(B, n, -1)
+        return mod.out_proj(o)
+
+    # ---- rollback and bookkeeping ---------------------------------------------------------------------------
+    def rollback(self, cut) -> None:
+        """Each row b keeps only its slots before ``cut[b]`` (``[B]`` device tensor or an int for every row): the
+        slots from the cut on are rejected, as ``ModelState.invalidate(cut, end)`` marks them. Device ops only. A cut
+        before the journal's first slot gives the state at the journal's start (settled steps cannot be undone)."""
+        for layer in self.layers.values():
+            if not layer.journal:
+                continue
+            ref = layer.journal[0].n_valid
+            cut_b = (torch.full_like(ref[:, 0], cut) if isinstance(cut, int) else cut.to(ref.device, torch.long))
+            rec = conv = None
+            for step in reversed(layer.journal):  # the earliest step holding the cut wins
+                r, c = _replay(step, (cut_b - step.start).clamp(0, step.n))
+                if rec is None:
+                    rec, conv = r, c
+                else:
+                    inside = cut_b < step.start + step.n
+                    rec = torch.where(inside[:, None, None, None], r, rec)
+                    conv = torch.where(inside[:, None, None], c, conv)
+            layer.rec, layer.conv, layer.pending, layer.journal = rec, conv, None, []
+
+    def truncate(self, n: int) -> None:
+        """The physical length drops to ``n`` slots: undo what the journal's steps fed from slot ``n`` on (settled
+        slots cannot be undone; ``ModelState`` truncates only slots no row uses, holes, which fed nothing)."""
+        if any(step.start + step.n > n for layer in self.layers.values() for step in layer.journal):
+            self.rollback(n)
+
+    def settle(self) -> None:
+        """Materialise every pending step and forget the journal (no rollback before the current end after this)."""
+        for layer in self.layers.values():
+            self._current(layer)
+            layer.journal = []
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` (settles first: a row selection never comes with a pending rollback)."""
+        self.settle()
+        for layer in self.layers.values():
+            if layer.rec is not None:
+                layer.rec = layer.rec.index_select(0, rows.to(layer.rec.device))
+                layer.conv = layer.conv.index_select(0, rows.to(layer.conv.device))
+
+
+def _act(name):
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+def _dispatch(module, original):
+    def forward(hidden_states, *args, **kwargs):
+        state = getattr(_local, "state", None)
+        if state is not None and state.modules.get(module.layer_idx) is module:
+            return state.layer_forward(module, hidden_states)
+        return original(hidden_states, *args, **kwargs)
+
+    return forward
+
+
+def _install(modules) -> None:
+    """Route the modules' forwards through :func:`_dispatch` (reference-counted; :func:`_uninstall` restores an
+    instance-level forward that was there before, e.g. accelerate's hook)."""
+    with _install_lock:
+        for m in modules:
+            entry = _installed.get(id(m))
+            if entry is None:
+                own = m.__dict__.get("forward")
+                m.forward = _dispatch(m, m.forward)
+                _installed[id(m)] = [1, m, own]
+            else:
+                entry[0] += 1
+
+
+def _uninstall(modules) -> None:
+    with _install_lock:
+        for m in modules:
+            entry = _installed[id(m)]
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _installed[id(m)]
+                if entry[2] is None:
+                    del m.forward  # the class's forward shows through again
+                else:
+                    m.forward = entry[2]
