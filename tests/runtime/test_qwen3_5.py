@@ -220,15 +220,17 @@ def test_identical_draft_accepts_everything(models):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_identical_draft_mal_for_every_gamma(models, family):
     """MAL = γ + 1 for γ 1..6 on a ragged video batch (reference ops), the whole video or every token kept through
-    either pruned prefill (target scores: gathered inputs_embeds; draft scores: its own full forward)."""
+    either pruned prefill (target scores: gathered inputs_embeds; draft scores: its own full forward); the output is
+    generate's."""
     target = models[family][0]
     inputs = _inputs(target, "video", 3)
     prunes = [("none", "target"), ("semantic", "target"), ("attention", "draft")]
     for gamma in range(1, 7):
         prune, source = prunes[gamma % 3]
         cfg = SpecConfig(draft_len=gamma, prune=prune, prune_source=source, keep_ratio=1.0)
-        out = SpecDecoder(target, target, cfg).generate(**inputs, max_new_tokens=1 + 2 * (gamma + 1),
-                                                        eos_token_id=10**6)
+        n = 1 + 2 * (gamma + 1)
+        out = SpecDecoder(target, target, cfg).generate(**inputs, max_new_tokens=n, eos_token_id=10**6)
+        _assert_same(out.sequences, target.generate(**inputs, max_new_tokens=n, do_sample=False, eos_token_id=10**6))
         st = out.stats
         assert st.rounds == 2 and st.mean_accepted_length == gamma + 1, (gamma, prune, st.as_dict())
         assert st.kept_visual_tokens == st.total_visual_tokens

@@ -23,6 +23,11 @@ window with ``causal_conv_state_commit``), so after a verify round every row hol
 after the row's accepted tokens. Device ops only, no host sync. A chain round's target needs ONE commit per layer
 (its verify step); the draft's single-token steps replay from their starting states (the "snapshots").
 
+Pruned draft prefill: a prefill of the kept tokens only (``prune_source="target"``) feeds the linear layers just
+those (left padding is a hole); with ``prune_source="draft"`` the draft reads the whole prompt to score it, so its
+linear layers keep the whole prompt's state while its attention layers drop the pruned tokens (the draft only
+proposes: either way the output is the target's).
+
 What the journal cannot express is refused: keeping a non-suffix subset of slots (trees: per-node states would be
 needed) and compaction with an unsettled journal (:meth:`settle` first; slot indices change).
 
