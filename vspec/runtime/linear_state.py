@@ -114,7 +114,11 @@ class LinearAttentionState:
     @contextlib.contextmanager
     def step(self, start: int, new_valid: torch.Tensor):
         """Run the linear layers of the forward inside the block through :meth:`layer_forward`: the forward appends
-        slots ``[start, start + n)``, ``new_valid [B, n]`` bool marks each row's real tokens (the rest are holes)."""
+        slots ``[start, start + n)``, ``new_valid [B, n]`` bool marks each row's real tokens (the rest are holes).
+
+        The first forward (the prefill) is settled at once: no rollback reaches into the prompt, and its journal
+        entry would otherwise make the first rollback replay the whole prompt."""
+        first = all(layer.rec is None and not layer.journal for layer in self.layers.values())
         self._start, self._valid = start, new_valid
         prev = getattr(_local, "state", None)
         _local.state = self
@@ -125,6 +129,8 @@ class LinearAttentionState:
             _uninstall(self.modules.values())
             _local.state = prev
             self._valid = None
+        if first:
+            self.settle()
 
     def _current(self, layer: _Layer):
         if layer.pending is not None:
