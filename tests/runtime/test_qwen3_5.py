@@ -10,6 +10,7 @@ draft, and the refusals: trees and the parallel schedule (vspec), assisted gener
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from vspec import SpecConfig, SpecDecoder, TreeConfig
 from vspec.runtime.models import get_adapter
@@ -63,8 +64,6 @@ def _assert_same(out, ref):
 def _hf_linear_states(model, tokens):
     """transformers' own forward over one row's ``tokens [L]`` with a fresh cache: ``({layer: (recurrent, conv)},
     last logits [V])``."""
-    from transformers import DynamicCache
-
     cache = DynamicCache(config=model.config)
     out = model(input_ids=tokens[None], use_cache=True, **{cache_keyword(model): cache})
     states = {}
@@ -164,6 +163,24 @@ def test_rollback_leaves_each_row_the_state_of_its_kept_tokens(models, family):
     for b in range(3):
         _, ref_logits = _hf_linear_states(target, torch.cat([kept[b], nxt[b]]))
         torch.testing.assert_close(logits[b], ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_masked_hole_is_not_a_skipped_token(models):
+    """Why holes are skipped rather than masked: transformers zeroes a masked token's input, but a zero input still
+    decays the recurrent state (through g) and shifts the conv window, so a hole in the middle of a row changes the
+    state; vspec's forward leaves it unchanged (test above)."""
+    target = models["qwen3_5"][0]
+    gen = torch.Generator().manual_seed(2)
+    row = torch.randint(8, 1000, (9,), generator=gen)
+    with_hole = torch.cat([row[:6], torch.tensor([0]), row[6:]])
+    mask = torch.ones(1, 10, dtype=torch.long)
+    mask[0, 6] = 0
+    cache = DynamicCache(config=target.config)
+    target(input_ids=with_hole[None], attention_mask=mask, use_cache=True, **{cache_keyword(target): cache})
+    ref, _ = _hf_linear_states(target, row)
+    i = min(get_adapter(target).linear_attention_modules())
+    assert (cache.layers[i].recurrent_states[0][0] - ref[i][0]).abs().max() > 1e-3
+    assert not torch.equal(cache.layers[i].conv_states[0][0], ref[i][1])
 
 
 # ---- lossless chain decoding ----------------------------------------------------------------------------------------
