@@ -217,6 +217,13 @@ def test_chain_greedy_equals_generate(models, family):
                 if modality == "video" and batch == 3:
                     assert st.mean_accepted_length > 1.0  # partial acceptance: rollback is exercised
     assert full_rounds > 0  # some row accepted every draft: the draft's ragged 2-token feed (a hole) is exercised
+    # compaction after every round (the linear states hold no slots: compaction settles them, nothing moves)
+    inputs = _inputs(target, "video", 3, seed=0)
+    ref = target.generate(**inputs, max_new_tokens=15, do_sample=False)
+    cfg = SpecConfig(draft_len=4, prune="semantic", prune_source="draft", keep_ratio=0.25, compact_holes=1)
+    out = SpecDecoder(target, close, cfg).generate(**inputs, max_new_tokens=15)
+    _assert_same(out.sequences, ref)
+    assert out.stats.compactions > 0
 
 
 def test_identical_draft_accepts_everything(models):
