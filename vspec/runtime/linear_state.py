@@ -16,6 +16,11 @@ own cache object is never asked for them) and runs every linear layer of vspec's
 * materialises the state after a step lazily, when the next step of that layer needs it
   (``ops.gated_delta_commit`` over all of the step's tokens, ``ops.causal_conv_state_commit`` for the window).
 
+The first forward (the prefill: no rollback ever reaches into it) instead runs the model family's own chunked rule
+(``torch_chunk_gated_delta_rule`` of the layer's modeling module, which transformers routes to flash-linear-
+attention's kernel when installed), outputs and final state in one pass, as ``generate``'s prefill does; holes there
+get the same g = 0 / beta = 0 treatment. Without that function the prefill takes the verify/commit path.
+
 :meth:`rollback` (``ModelState.invalidate`` of a suffix, ``truncate``) sets each row's state to what the row's
 slots before ``cut[b]`` produce: the journal step holding slot ``cut[b]`` is replayed over its first
 ``cut[b] − start`` tokens from its own starting state (``gated_delta_commit`` with that accept length; the conv
@@ -39,6 +44,7 @@ module runs its own forward.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 from dataclasses import dataclass
 
@@ -109,6 +115,7 @@ class LinearAttentionState:
         self.layers = {i: _Layer() for i in self.modules}
         self._start = 0
         self._valid: torch.Tensor | None = None
+        self._prefill = False
 
     # ---- forwards ---------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -119,7 +126,7 @@ class LinearAttentionState:
         The first forward (the prefill) is settled at once: no rollback reaches into the prompt, and its journal
         entry would otherwise make the first rollback replay the whole prompt."""
         first = all(layer.rec is None and not layer.journal for layer in self.layers.values())
-        self._start, self._valid = start, new_valid
+        self._start, self._valid, self._prefill = start, new_valid, first
         prev = getattr(_local, "state", None)
         _local.state = self
         _install(self.modules.values())
@@ -172,10 +179,21 @@ class LinearAttentionState:
         beta = b.sigmoid() * valid[..., None]
         g = -mod.A_log.float().exp() * F.softplus(a.float() + mod.dt_bias)
         g = g * valid[..., None]  # a hole neither decays nor updates the state
-        o = ops.gated_delta_verify(q, k, v, g, beta, rec, use_qk_l2norm=True)
-        step = _Step(self._start, n, rec, conv, q, k, v, g, beta, x_c, valid.long().cumsum(dim=1))
-        layer.pending = step
-        layer.journal.append(step)
+        n_valid = valid.long().cumsum(dim=1)
+        chunked = _chunk_rule(mod) if self._prefill and layer.rec is None else None
+        if chunked is not None:  # the prefill: one chunked pass, settled (module docstring)
+            rep = mod.num_v_heads // mod.num_k_heads  # value heads per q/k head (5.17's rule wants them repeated)
+            o, final = chunked(q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2), v, g=g, beta=beta,
+                               initial_state=None, output_final_state=True, use_qk_l2norm_in_kernel=True)
+            j = n_valid[:, -1]
+            window = ops.causal_conv_state_commit(conv, x_c, (j - 1).clamp_min(0))
+            layer.rec = final.to(torch.float32)
+            layer.conv = torch.where((j > 0)[:, None, None], window, conv)
+        else:
+            o = ops.gated_delta_verify(q, k, v, g, beta, rec, use_qk_l2norm=True)
+            step = _Step(self._start, n, rec, conv, q, k, v, g, beta, x_c, n_valid)
+            layer.pending = step
+            layer.journal.append(step)
         o = mod.norm(o.reshape(-1, mod.head_v_dim), z.reshape(-1, mod.head_v_dim)).reshape(B, n, -1)
         return mod.out_proj(o)
 
@@ -219,6 +237,11 @@ class LinearAttentionState:
             if layer.rec is not None:
                 layer.rec = layer.rec.index_select(0, rows.to(layer.rec.device))
                 layer.conv = layer.conv.index_select(0, rows.to(layer.conv.device))
+
+
+def _chunk_rule(mod):
+    """The chunked gated delta rule of ``mod``'s modeling module (None if it has none)."""
+    return getattr(inspect.getmodule(type(mod)), "torch_chunk_gated_delta_rule", None)
 
 
 def _act(name):
