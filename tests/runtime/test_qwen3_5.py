@@ -108,12 +108,10 @@ def test_hf_assisted_generation_refuses_the_model(models):
         target.generate(**inputs, assistant_model=close, max_new_tokens=4, do_sample=False)
 
 
-def test_trees_and_parallel_are_refused(models):
+def test_trees_are_refused(models):
     target, close, _ = models["qwen3_5"]
     with pytest.raises(ValueError, match="tree is not supported with linear-attention layers.*state per node"):
         SpecDecoder(target, close, SpecConfig(tree=TreeConfig(width=2, depth=3)))
-    with pytest.raises(ValueError, match="parallel=True. is not supported with linear-attention layers.*unverified"):
-        SpecDecoder(target, close, SpecConfig(parallel=True))
 
 
 # ---- the state: holes skipped, rollback exact ---------------------------------------------------------------------
@@ -121,13 +119,16 @@ def test_trees_and_parallel_are_refused(models):
 def test_rollback_leaves_each_row_the_state_of_its_kept_tokens(models, family):
     """Prefill 3 ragged rows, then a ragged 2-token feed (row 0: a hole, then a token), a 1-token step and a 4-token
     step; roll row 0 back into the feed, row 1 into the 4-token step and keep all of row 2. Each row's recurrent and
-    conv state then equals transformers' forward over that row's kept tokens, and so does the next token's output."""
+    conv state then equals transformers' forward over that row's kept tokens, and so does the next token's output.
+    Then a second rollback reaches back past the first one (row 2 into the 4-token step; the journal keeps two
+    rollback periods, as the parallel schedule's draft does): row 2's state is again that of its kept tokens."""
     target = models[family][0]
     adapter = get_adapter(target)
     inputs = _inputs(target, "text", 3, seed=3)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     prompt = adapter.prompt(ids, mask, {})
     st = ModelState(target, adapter)
+    st.linear.keep_rounds = 2
     st.forward(input_ids=ids, positions=prompt.positions, new_valid=mask.bool(), logits_to_keep=1)
     gen = torch.Generator().manual_seed(5)
     steps = [torch.randint(8, 1000, (3, n), generator=gen) for n in (2, 1, 4)]
@@ -163,6 +164,20 @@ def test_rollback_leaves_each_row_the_state_of_its_kept_tokens(models, family):
     for b in range(3):
         _, ref_logits = _hf_linear_states(target, torch.cat([kept[b], nxt[b]]))
         torch.testing.assert_close(logits[b], ref_logits, atol=1e-4, rtol=1e-4)
+    # row 2 now rejects the last token of its 4-token step and the one after (fed after the first rollback)
+    cut2 = torch.tensor([st.length, st.length, starts[2] + 3])
+    st.invalidate(cut2, st.length, trim=False)
+    ref, _ = _hf_linear_states(target, kept[2][:-1])
+    for i, layer in st.linear.layers.items():
+        torch.testing.assert_close(layer.rec[2], ref[i][0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(layer.conv[2], ref[i][1], atol=1e-5, rtol=1e-5)
+    assert not bool(st.linear.overreach)
+    # with one period kept (the chain's setting) the same reach-back is flagged: it cannot be undone
+    st.linear.keep_rounds = 1
+    st.forward(input_ids=nxt, positions=adapter.decode_positions(pos + 1), new_valid=torch.ones(3, 1, dtype=torch.bool),
+               logits_to_keep=1)
+    st.invalidate(torch.tensor([st.length] * 2 + [starts[2] + 2]), st.length, trim=False)
+    assert bool(st.linear.overreach)
 
 
 def test_a_masked_hole_is_not_a_skipped_token(models):
@@ -224,6 +239,54 @@ def test_chain_greedy_equals_generate(models, family):
     out = SpecDecoder(target, close, cfg).generate(**inputs, max_new_tokens=15)
     _assert_same(out.sequences, ref)
     assert out.stats.compactions > 0
+
+
+@pytest.fixture
+def draft_states(monkeypatch):
+    """The parallel schedule's draft states, as the calls create them."""
+    from vspec.runtime.parallel import ParallelSchedule
+
+    seen = []
+    states = ParallelSchedule.states
+
+    def capture(self, prompt):
+        target, draft = states(self, prompt)
+        seen.append(draft)
+        return target, draft
+
+    monkeypatch.setattr(ParallelSchedule, "states", capture)
+    return seen
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parallel_greedy_equals_generate(models, family, draft_states):
+    """The parallel schedule (the draft drafts past unverified tokens; its rollbacks reach back up to two earlier
+    rollbacks) is lossless, and no draft rollback ever reaches past its journal (the draft's state stays exact)."""
+    target, close, _ = models[family]
+    for i, (modality, batch, prune, source, keep, mode) in enumerate([
+            ("video", 3, "semantic", "target", 0.25, "post"),
+            ("video", 3, "attention", "draft", 0.1, "pearl"),
+            ("image", 3, "semantic", "draft", 0.25, "pre"),
+            ("text", 1, "none", "target", 1.0, "post")]):
+        inputs = _inputs(target, modality, batch, seed=20 + i)
+        ref = target.generate(**inputs, max_new_tokens=15, do_sample=False)
+        cfg = SpecConfig(draft_len=3, prune=prune, prune_source=source, keep_ratio=keep, parallel=True,
+                         parallel_mode=mode)
+        _assert_same(SpecDecoder(target, close, cfg).generate(**inputs, max_new_tokens=15).sequences, ref)
+    assert len(draft_states) == 4 and not any(bool(d.linear.overreach) for d in draft_states)
+
+
+def test_parallel_identical_draft_keeps_every_speculation(models, draft_states):
+    """The target as its own draft in post-verify mode: every speculation is kept (the draft's linear states after
+    each rollback equal the target's), and so in pearl mode every D_1 passes the pre-verify check."""
+    target = models["qwen3_5"][0]
+    inputs = _inputs(target, "video", 3)
+    for mode in ("post", "pearl"):
+        cfg = SpecConfig(draft_len=3, prune="none", parallel=True, parallel_mode=mode)
+        out = SpecDecoder(target, target, cfg).generate(**inputs, max_new_tokens=15, eos_token_id=10**6)
+        st = out.stats
+        assert st.spec_drafts_kept > 0 and st.spec_drafts_discarded == 0 and st.pre_verify_rejected == 0, st.as_dict()
+    assert not any(bool(d.linear.overreach) for d in draft_states)
 
 
 def test_identical_draft_accepts_everything(models):

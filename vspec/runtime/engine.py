@@ -171,7 +171,8 @@ class SpecDecoder:
 
     def _check_hybrid(self) -> None:
         """Schedules that a hybrid model's linear-attention layers (Qwen3.5) cannot roll back are refused: only a
-        rejected suffix of a chain can be undone there (:mod:`vspec.runtime.linear_state`)."""
+        rejected suffix of each row's tokens can be undone there (:mod:`vspec.runtime.linear_state`), so trees are
+        (the chain and the parallel schedule reject suffixes only)."""
         hybrid = [name for name, adapter in (("target", self.t_adapter), ("draft", self.d_adapter))
                   if adapter.linear_attention_modules()]
         if not hybrid:
@@ -180,11 +181,6 @@ class SpecDecoder:
         if self.config.tree is not None:
             raise ValueError(f"SpecConfig.tree is not supported with linear-attention layers ({which}): a tree would "
                              f"need a recurrent state per node; use tree=None (chain drafting)")
-        if self.config.parallel:
-            raise ValueError(f"SpecConfig(parallel=True) is not supported with linear-attention layers ({which}): "
-                             f"the draft drafts past "
-                             f"unverified tokens, and its recurrent state cannot yet be rolled back across rounds; "
-                             f"use parallel=False")
 
     def _check_tree(self, settings) -> None:
         """Errors for what tree drafting does not support, raised before any work is done."""

@@ -113,9 +113,16 @@ class LinearAttentionState:
     def __init__(self, modules: dict):
         self.modules = dict(modules)
         self.layers = {i: _Layer() for i in self.modules}
+        self._last_layer = max(self.modules) if self.modules else None
         self._start = 0
         self._valid: torch.Tensor | None = None
         self._prefill = False
+        #: journal steps per rollback period, the last one open; the journal keeps the last ``keep_rounds`` periods
+        #: (1: a rollback never reaches before the last one, as in the serial chain)
+        self._gen_sizes = [0]
+        self.keep_rounds = 1
+        #: device bool: some rollback rejected a slot the journal no longer covered (its state could not be undone)
+        self.overreach: torch.Tensor | None = None
 
     # ---- forwards ---------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -194,19 +201,33 @@ class LinearAttentionState:
             step = _Step(self._start, n, rec, conv, q, k, v, g, beta, x_c, n_valid)
             layer.pending = step
             layer.journal.append(step)
+            if mod.layer_idx == self._last_layer:
+                self._gen_sizes[-1] += 1
         o = mod.norm(o.reshape(-1, mod.head_v_dim), z.reshape(-1, mod.head_v_dim)).reshape(B, n, -1)
         return mod.out_proj(o)
 
     # ---- rollback and bookkeeping ---------------------------------------------------------------------------
-    def rollback(self, cut) -> None:
-        """Each row b keeps only its slots before ``cut[b]`` (``[B]`` device tensor or an int for every row): the
-        slots from the cut on are rejected, as ``ModelState.invalidate(cut, end)`` marks them. Device ops only. A cut
-        before the journal's first slot gives the state at the journal's start (settled steps cannot be undone)."""
+    def rollback(self, valid: torch.Tensor, before: torch.Tensor | None = None) -> None:
+        """Bring every row's state to what its valid slots produce, after ``ModelState`` rejected a suffix of them.
+
+        valid: ``[B, S]`` bool, ``ModelState.valid`` after the invalidation; only a suffix of each row's fed tokens
+        may have turned invalid (later tokens were fed from states without the rejected ones, so a row's state is
+        the one after its last valid slot: the journal step holding that slot, replayed up to it from its own
+        starting state). before: ``valid`` before the invalidation; rejecting a slot the journal no longer covers
+        cannot be undone and sets :attr:`overreach` (a device flag; tests assert it stays False). Device ops only.
+        Afterwards the journal keeps the steps of the last ``keep_rounds - 1`` rollback periods."""
+        first = self._journal_start(valid.shape[1])
+        if before is not None and first > 0:
+            lost = (before[:, :first] & ~valid[:, :first]).any()
+            self.overreach = lost if self.overreach is None else self.overreach | lost
         for layer in self.layers.values():
             if not layer.journal:
                 continue
             ref = layer.journal[0].n_valid
-            cut_b = (torch.full_like(ref[:, 0], cut) if isinstance(cut, int) else cut.to(ref.device, torch.long))
+            last = layer.journal[-1]
+            v = valid[:, first:last.start + last.n].to(ref.device)
+            cols = torch.arange(first + 1, last.start + last.n + 1, device=ref.device)
+            cut_b = torch.where(v, cols, first).amax(dim=1)  # one past each row's last valid slot (first: none)
             rec = conv = None
             for step in reversed(layer.journal):  # the earliest step holding the cut wins
                 r, c = _replay(step, (cut_b - step.start).clamp(0, step.n))
@@ -216,27 +237,54 @@ class LinearAttentionState:
                     inside = cut_b < step.start + step.n
                     rec = torch.where(inside[:, None, None, None], r, rec)
                     conv = torch.where(inside[:, None, None], c, conv)
-            layer.rec, layer.conv, layer.pending, layer.journal = rec, conv, None, []
+            layer.rec, layer.conv, layer.pending = rec, conv, None
+        self._gen_sizes.append(0)
+        drop = sum(self._gen_sizes[:-self.keep_rounds])
+        self._gen_sizes = self._gen_sizes[-self.keep_rounds:]
+        for layer in self.layers.values():
+            layer.journal = layer.journal[drop:]
+
+    def _journal_start(self, default: int) -> int:
+        for layer in self.layers.values():
+            if layer.journal:
+                return layer.journal[0].start
+        return default
 
     def truncate(self, n: int) -> None:
-        """The physical length drops to ``n`` slots: undo what the journal's steps fed from slot ``n`` on (settled
-        slots cannot be undone; ``ModelState`` truncates only slots no row uses, holes, which fed nothing)."""
-        if any(step.start + step.n > n for layer in self.layers.values() for step in layer.journal):
-            self.rollback(n)
+        """The physical length drops to ``n`` slots (``ModelState`` drops only slots no row uses: holes, which fed
+        nothing): journal steps lose their slots from ``n`` on, so that later steps may reuse those slot numbers."""
+        for layer in self.layers.values():
+            self._current(layer)
+            kept = []
+            for step in layer.journal:
+                if step.start < n:
+                    step.n = min(step.n, n - step.start)
+                    kept.append(step)
+            dropped = len(layer.journal) - len(kept)
+            layer.journal = kept
+        if self.layers and dropped:
+            for g in range(len(self._gen_sizes) - 1, -1, -1):  # the dropped steps are the latest ones
+                take = min(dropped, self._gen_sizes[g])
+                self._gen_sizes[g] -= take
+                dropped -= take
 
     def settle(self) -> None:
         """Materialise every pending step and forget the journal (no rollback before the current end after this)."""
         for layer in self.layers.values():
             self._current(layer)
             layer.journal = []
+        self._gen_sizes = [0]
 
     def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only batch rows ``rows`` (settles first: a row selection never comes with a pending rollback)."""
-        self.settle()
+        """Keep only batch rows ``rows`` (states and journal alike)."""
         for layer in self.layers.values():
             if layer.rec is not None:
-                layer.rec = layer.rec.index_select(0, rows.to(layer.rec.device))
-                layer.conv = layer.conv.index_select(0, rows.to(layer.conv.device))
+                idx = rows.to(layer.rec.device)
+                layer.rec = layer.rec.index_select(0, idx)
+                layer.conv = layer.conv.index_select(0, idx)
+            for step in layer.journal:
+                for name in ("pre_rec", "pre_conv", "q", "k", "v", "g", "beta", "x", "n_valid"):
+                    setattr(step, name, getattr(step, name).index_select(0, rows.to(step.q.device)))
 
 
 def _chunk_rule(mod):

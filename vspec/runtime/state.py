@@ -154,13 +154,16 @@ class ModelState:
         With ``trim`` the trailing all-hole slots are dropped at once (a host sync); the decode loop passes
         ``trim=False`` and calls :meth:`truncate` with the length from :meth:`extent`, read in its one sync.
         """
-        if self.linear is not None:  # [linear-attention hook] exact rollback of the rejected suffix
+        before = None
+        if self.linear is not None:  # [linear-attention hook] (1/2) only a suffix can be rejected
             if stop != self.length:
                 raise NotImplementedError(f"linear-attention layers can only reject a suffix: stop must be the "
                                           f"length {self.length}, got {stop}")
-            self.linear.rollback(start)
+            before = self.valid.clone()
         cols = torch.arange(self.length, device=self.valid.device)
         self.valid &= ~((cols[None, :] >= start[:, None]) & (cols[None, :] < stop))
+        if self.linear is not None:  # [linear-attention hook] (2/2) exact rollback to each row's valid slots
+            self.linear.rollback(self.valid, before)
         if trim:
             self.truncate(int(self.extent()[0]))
 
