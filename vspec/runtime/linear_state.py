@@ -62,12 +62,14 @@ _installed: dict[int, list] = {}  # id(module) -> [refcount, module, its own ins
 class _Step:
     """One forward's record for one layer: the state before it and what replays it.
 
+    slots ``[B, n]`` long: each token's physical slot in its row (−1 once the slot is gone: compacted away or
+    truncated; ``ModelState`` moves and drops slots, the journal follows).
     pre_rec ``[B, Hv, Dk, Dv]`` float32, pre_conv ``[B, C, W]``; q, k ``[B, n, Hk, Dk]``, v ``[B, n, Hv, Dv]``,
     g, beta ``[B, n, Hv]`` (0 at holes); x ``[B, C, n]`` the conv inputs with each row's valid tokens first (left
     compacted); n_valid ``[B, n]`` long: valid tokens among the first t + 1 of the step.
     """
 
-    start: int
+    slots: torch.Tensor
     n: int
     pre_rec: torch.Tensor
     pre_conv: torch.Tensor
@@ -198,7 +200,8 @@ class LinearAttentionState:
             layer.conv = torch.where((j > 0)[:, None, None], window, conv)
         else:
             o = ops.gated_delta_verify(q, k, v, g, beta, rec, use_qk_l2norm=True)
-            step = _Step(self._start, n, rec, conv, q, k, v, g, beta, x_c, n_valid)
+            slots = (self._start + torch.arange(n, device=valid.device))[None].expand(B, n)
+            step = _Step(slots, n, rec, conv, q, k, v, g, beta, x_c, n_valid)
             layer.pending = step
             layer.journal.append(step)
             if mod.layer_idx == self._last_layer:
@@ -211,32 +214,31 @@ class LinearAttentionState:
         """Bring every row's state to what its valid slots produce, after ``ModelState`` rejected a suffix of them.
 
         valid: ``[B, S]`` bool, ``ModelState.valid`` after the invalidation; only a suffix of each row's fed tokens
-        may have turned invalid (later tokens were fed from states without the rejected ones, so a row's state is
+        may have turned invalid (later tokens were fed from states without the rejected ones), so a row's state is
         the one after its last valid slot: the journal step holding that slot, replayed up to it from its own
-        starting state). before: ``valid`` before the invalidation; rejecting a slot the journal no longer covers
-        cannot be undone and sets :attr:`overreach` (a device flag; tests assert it stays False). Device ops only.
-        Afterwards the journal keeps the steps of the last ``keep_rounds - 1`` rollback periods."""
-        first = self._journal_start(valid.shape[1])
-        if before is not None and first > 0:
-            lost = (before[:, :first] & ~valid[:, :first]).any()
+        starting state (a row whose last valid slot precedes the journal gets the journal's starting state).
+        before: ``valid`` before the invalidation; rejecting a slot the journal does not cover cannot be undone and
+        sets :attr:`overreach` (a device flag; tests assert it stays False). Device ops only. Afterwards the journal
+        keeps the steps of the last ``keep_rounds`` rollback periods (the current one included)."""
+        S = valid.shape[1]
+        cols = torch.arange(S, device=valid.device)
+        last = torch.where(valid, cols, -1).amax(dim=1)  # [B] each row's last valid slot
+        if before is not None:
+            covered = self._first_slots(valid.shape[0], S, valid.device)
+            lost = (before & ~valid & (cols[None] < covered[:, None])).any()
             self.overreach = lost if self.overreach is None else self.overreach | lost
         for layer in self.layers.values():
             if not layer.journal:
                 continue
-            ref = layer.journal[0].n_valid
-            last = layer.journal[-1]
-            v = valid[:, first:last.start + last.n].to(ref.device)
-            cols = torch.arange(first + 1, last.start + last.n + 1, device=ref.device)
-            cut_b = torch.where(v, cols, first).amax(dim=1)  # one past each row's last valid slot (first: none)
-            rec = conv = None
-            for step in reversed(layer.journal):  # the earliest step holding the cut wins
-                r, c = _replay(step, (cut_b - step.start).clamp(0, step.n))
-                if rec is None:
-                    rec, conv = r, c
-                else:
-                    inside = cut_b < step.start + step.n
-                    rec = torch.where(inside[:, None, None, None], r, rec)
-                    conv = torch.where(inside[:, None, None], c, conv)
+            first = layer.journal[0]
+            p = last.to(first.q.device)
+            rec, conv = first.pre_rec, first.pre_conv
+            for step in layer.journal:
+                at = step.slots == p[:, None]  # [B, n]
+                hit = at.any(dim=1)
+                r, c = _replay(step, torch.where(hit, at.long().argmax(dim=1) + 1, 0))
+                rec = torch.where(hit[:, None, None, None], r, rec)
+                conv = torch.where(hit[:, None, None], c, conv)
             layer.rec, layer.conv, layer.pending = rec, conv, None
         self._gen_sizes.append(0)
         drop = sum(self._gen_sizes[:-self.keep_rounds])
@@ -244,29 +246,38 @@ class LinearAttentionState:
         for layer in self.layers.values():
             layer.journal = layer.journal[drop:]
 
-    def _journal_start(self, default: int) -> int:
+    def _first_slots(self, B: int, S: int, device) -> torch.Tensor:
+        """``[B]`` each row's first slot the journal covers (``S`` when none)."""
         for layer in self.layers.values():
             if layer.journal:
-                return layer.journal[0].start
-        return default
+                slots = torch.cat([step.slots for step in layer.journal], dim=1).to(device)
+                return torch.where(slots >= 0, slots, S).amin(dim=1).clamp_max(S)
+        return torch.full((B,), S, dtype=torch.long, device=device)
+
+    def _remap(self, new_of_old: torch.Tensor) -> None:
+        """Renumber the journal's slots: old slot j of row b is now ``new_of_old[b, j]`` (−1: gone)."""
+        for layer in self.layers.values():
+            for step in layer.journal:
+                m = new_of_old.to(step.slots.device)
+                safe = step.slots.clamp(0, m.shape[1] - 1)
+                step.slots = torch.where((step.slots >= 0) & (step.slots < m.shape[1]),
+                                         torch.gather(m, 1, safe), -1)
 
     def truncate(self, n: int) -> None:
-        """The physical length drops to ``n`` slots (``ModelState`` drops only slots no row uses: holes, which fed
-        nothing): journal steps lose their slots from ``n`` on, so that later steps may reuse those slot numbers."""
+        """The physical length drops to ``n`` slots (``ModelState`` drops only slots no row uses: holes): journal
+        slots from ``n`` on are gone (later forwards reuse those numbers)."""
         for layer in self.layers.values():
-            self._current(layer)
-            kept = []
             for step in layer.journal:
-                if step.start < n:
-                    step.n = min(step.n, n - step.start)
-                    kept.append(step)
-            dropped = len(layer.journal) - len(kept)
-            layer.journal = kept
-        if self.layers and dropped:
-            for g in range(len(self._gen_sizes) - 1, -1, -1):  # the dropped steps are the latest ones
-                take = min(dropped, self._gen_sizes[g])
-                self._gen_sizes[g] -= take
-                dropped -= take
+                step.slots = torch.where(step.slots < n, step.slots, -1)
+
+    def compacted(self, src_idx: torch.Tensor, length: int) -> None:
+        """``ModelState.compact_`` moved row b's slot ``src_idx[b, j]`` to slot j (``src_idx [B, K]``, −1 padded)
+        of a cache that had ``length`` slots: the journal follows."""
+        B, K = src_idx.shape
+        new_of_old = torch.full((B, length + 1), -1, dtype=torch.long, device=src_idx.device)
+        cols = torch.arange(K, device=src_idx.device)[None].expand(B, K)
+        new_of_old.scatter_(1, torch.where(src_idx >= 0, src_idx, length), torch.where(src_idx >= 0, cols, -1))
+        self._remap(new_of_old[:, :length])
 
     def settle(self) -> None:
         """Materialise every pending step and forget the journal (no rollback before the current end after this)."""
@@ -283,7 +294,7 @@ class LinearAttentionState:
                 layer.rec = layer.rec.index_select(0, idx)
                 layer.conv = layer.conv.index_select(0, idx)
             for step in layer.journal:
-                for name in ("pre_rec", "pre_conv", "q", "k", "v", "g", "beta", "x", "n_valid"):
+                for name in ("slots", "pre_rec", "pre_conv", "q", "k", "v", "g", "beta", "x", "n_valid"):
                     setattr(step, name, getattr(step, name).index_select(0, rows.to(step.q.device)))
 
 

@@ -194,9 +194,9 @@ class ModelState:
 
         fullest: valid slots of the fullest row, when the caller has it on the host (no sync then).
         """
-        if self.linear is not None:  # [linear-attention hook] the states hold no slots; slot indices change here
-            self.linear.settle()
         src_idx = padded_indices(self.valid, fullest)
+        if self.linear is not None:  # [linear-attention hook] the states hold no slots; their journal follows
+            self.linear.compacted(src_idx, self.length)
         k_max = src_idx.shape[1]
         # one launch per device the cache spans (a sharded model: its layers' devices; else one)
         for device, layers in group_by_device(self._kv_layers()).items():
