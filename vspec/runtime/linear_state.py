@@ -7,8 +7,8 @@ own cache object is never asked for them) and runs every linear layer of vspec's
 :meth:`LinearAttentionState.layer_forward`, a replacement of the module's forward that
 
 * feeds the step's tokens from the current state with ``ops.gated_delta_verify`` (no state written) and keeps what
-  a rollback needs: the state before the step and the step's q, k, v, g, beta and conv inputs (a *journal*, per
-  layer, of the steps since the last settle);
+  a rollback needs: the state before the step, the step's q, k, v, g, beta and conv inputs, and each token's
+  physical slot per row (a *journal*, per layer, of the recent steps);
 * skips hole tokens exactly (slots of the step whose ``new_valid`` is False: left padding, a row with fewer tokens
   to feed this round): the conv window is slid over the row's valid tokens only, and a hole gets g = 0 and
   beta = 0, so the recurrence passes the state through unchanged (S · exp(0) + k ⊗ 0 = S). A zeroed hole input would
@@ -21,20 +21,26 @@ The first forward (the prefill: no rollback ever reaches into it) instead runs t
 attention's kernel when installed), outputs and final state in one pass, as ``generate``'s prefill does; holes there
 get the same g = 0 / beta = 0 treatment. Without that function the prefill takes the verify/commit path.
 
-:meth:`rollback` (``ModelState.invalidate`` of a suffix, ``truncate``) sets each row's state to what the row's
-slots before ``cut[b]`` produce: the journal step holding slot ``cut[b]`` is replayed over its first
-``cut[b] − start`` tokens from its own starting state (``gated_delta_commit`` with that accept length; the conv
-window with ``causal_conv_state_commit``), so after a verify round every row holds what plain ``generate`` holds
-after the row's accepted tokens. Device ops only, no host sync. A chain round's target needs ONE commit per layer
-(its verify step); the draft's single-token steps replay from their starting states (the "snapshots").
+:meth:`rollback` (called by ``ModelState.invalidate``, which rejects a suffix of each row's slots) sets each row's
+state to what its valid slots produce: later tokens were always fed from states without earlier rejected ones, so
+that is the state after the row's last valid slot — the journal step holding that slot, replayed up to it from its
+own starting state (``gated_delta_commit`` with that accept length; the conv window with
+``causal_conv_state_commit``). After a verify round every row holds what plain ``generate`` holds after the row's
+accepted tokens. Device ops only, no host sync. A chain round's target needs ONE commit per layer (its verify
+step); the draft's single-token steps replay from their starting states (the "snapshots"). The journal keeps the
+steps of the last ``keep_rounds`` rollback periods: 1 for the serial chain (a rollback never reaches before the
+round), 3 for the parallel schedule's draft (a kept speculation can be rejected a round and two rollbacks later).
+A rollback that would reach past the journal cannot be undone; it sets the device flag :attr:`overreach`, which the
+tests assert stays False. ``compact_`` and ``truncate`` move and drop slots: the journal's slots follow
+(:meth:`compacted`, :meth:`truncate`), and ``select_rows`` indexes it with the states.
 
 Pruned draft prefill: a prefill of the kept tokens only (``prune_source="target"``) feeds the linear layers just
 those (left padding is a hole); with ``prune_source="draft"`` the draft reads the whole prompt to score it, so its
 linear layers keep the whole prompt's state while its attention layers drop the pruned tokens (the draft only
 proposes: either way the output is the target's).
 
-What the journal cannot express is refused: keeping a non-suffix subset of slots (trees: per-node states would be
-needed) and compaction with an unsettled journal (:meth:`settle` first; slot indices change).
+What the journal cannot express is refused by ``ModelState``: keeping a non-suffix subset of slots (trees: a tree's
+nodes would need a state each).
 
 The replacement forward is installed on the model's linear-attention modules only while one of vspec's forwards
 runs (reference-counted across threads); in a thread without an active state, or on another model's state, the
