@@ -339,7 +339,8 @@ def test_loose_zero_tolerance_equals_strict(models, family):
     assert out.stats.loose_accepted == 0
 
 
-def test_sampling_follows_the_target_distribution(models):
+@pytest.mark.parametrize("parallel", [False, True], ids=["chain", "parallel"])
+def test_sampling_follows_the_target_distribution(models, parallel):
     """The first two generated tokens (the second one speculative) follow the target's joint distribution under
     top-k 4 / temperature 0.8, with a pruned draft (keep 0.25) on a video prompt: 2,400 draws, chi-square with
     false-alarm rate 1e-3, fixed seeds."""
@@ -349,7 +350,7 @@ def test_sampling_follows_the_target_distribution(models):
     temperature, top_k = 0.8, 4
     joint = target_sequence_probs(target, one, 2, temperature=temperature, top_k=top_k)
     rows, calls = 400, 6
-    dec = SpecDecoder(target, draft, SpecConfig(draft_len=2, prune="semantic", keep_ratio=0.25))
+    dec = SpecDecoder(target, draft, SpecConfig(draft_len=2, prune="semantic", keep_ratio=0.25, parallel=parallel))
     counts = sample_continuations(dec, one, rows=rows, calls=calls, n_tokens=2,
                                   generator=torch.Generator().manual_seed(1234), temperature=temperature,
                                   top_k=top_k, top_p=1.0)
