@@ -44,9 +44,10 @@ class ModelState:
     """Cache + validity mask of one model for the active batch rows.
 
     valid: ``[B, S]`` bool over the physical cache slots. linear: the states of a hybrid model's linear-attention
-    layers (:class:`~vspec.runtime.linear_state.LinearAttentionState`, None for a pure-attention model): they are
-    rolled back exactly at :meth:`invalidate` / :meth:`truncate`, not masked; the KV methods below touch the
-    attention layers only.
+    layers (:class:`~vspec.runtime.linear_state.LinearAttentionState`, None for a pure-attention model): every
+    forward feeds them (skipping holes), :meth:`invalidate` rolls them back exactly (not by masking: only a suffix of
+    each row can be rejected), :meth:`truncate` / :meth:`compact_` / :meth:`select_rows` keep their journal in step;
+    the KV methods below touch the attention layers only.
     """
 
     def __init__(self, model, adapter: ModelAdapter):
