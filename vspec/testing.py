@@ -56,9 +56,11 @@ __all__ = [
 PAD_ID, BOS_ID, EOS_ID, VISION_START_ID, VISION_END_ID, IMAGE_ID, VIDEO_ID = range(7)
 FIRST_TEXT_ID = 8
 
-SUPPORTED_FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava_onevision", "qwen3_vl", "qwen3_vl_moe")
-_QWEN = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe")
-_QWEN3 = ("qwen3_vl", "qwen3_vl_moe")
+SUPPORTED_FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava_onevision", "qwen3_vl", "qwen3_vl_moe", "qwen3_5",
+                      "qwen3_5_moe")
+_QWEN = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+_QWEN3 = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # the timestamped per-frame video layout
+_QWEN3_5 = ("qwen3_5", "qwen3_5_moe")
 
 #: Text ids the tiny models' Qwen3-VL video prompts spell each frame group's timestamp ``<1.2 seconds>`` with: one id
 #: per character of the number (as Qwen's tokenizer splits digits), one for ``<``, `` seconds`` and ``>``.
@@ -70,6 +72,8 @@ _ROLE_SIZES = {
     "target": dict(hidden_size=64, num_layers=3, heads=4, kv_heads=2, intermediate=128),
     "draft": dict(hidden_size=32, num_layers=2, heads=2, kv_heads=1, intermediate=64),
 }
+# Qwen3.5's hybrid stack alternates linear and full attention: an even layer count (the target gets 4).
+_QWEN3_5_LAYERS = {"target": 4, "draft": 2}
 
 
 def _check_family(model_type: str) -> str:
@@ -87,7 +91,10 @@ def tiny_config(model_type: str = "qwen2_5_vl", *, role: str = "target", vocab_s
     the real models; LLaVA-OneVision uses a 28-px SigLIP with 7-px patches (16 patches, pooled to 4 tokens a
     frame) and ``vision_feature_select_strategy="full"``. Qwen3-VL (and Qwen3-VL-MoE: 4 experts, 2 per token, every
     layer sparse) has interleaved M-RoPE, a 2-block vision tower whose blocks 0 and 1 feed DeepStack features into
-    the first two decoder layers, and an 8×8 learned position grid.
+    the first two decoder layers, and an 8×8 learned position grid. Qwen3.5 (and Qwen3.5-MoE: 4 experts, 2 per
+    token, plus the shared expert) is hybrid: decoder layers alternate Gated DeltaNet (``linear_attention``: 2 key /
+    4 value heads of 8 dims, conv kernel 4) and full attention, starting with a linear one (target 4 layers, draft
+    2); its vision tower is Qwen3-VL's without DeepStack.
     """
     _check_family(model_type)
     if role not in _ROLE_SIZES:
@@ -95,7 +102,8 @@ def tiny_config(model_type: str = "qwen2_5_vl", *, role: str = "target", vocab_s
     unknown = set(sizes) - set(_ROLE_SIZES[role])
     if unknown:
         raise TypeError(f"unknown size overrides {sorted(unknown)}; known: {sorted(_ROLE_SIZES[role])}")
-    s = {**_ROLE_SIZES[role], **sizes}
+    s = {**_ROLE_SIZES[role], **({"num_layers": _QWEN3_5_LAYERS[role]} if model_type in ("qwen3_5", "qwen3_5_moe")
+                                 else {}), **sizes}
     text = dict(
         vocab_size=vocab_size,
         hidden_size=s["hidden_size"],
@@ -110,6 +118,8 @@ def tiny_config(model_type: str = "qwen2_5_vl", *, role: str = "target", vocab_s
         pad_token_id=PAD_ID,
         tie_word_embeddings=False,
     )
+    if model_type in _QWEN3_5:
+        return _qwen3_5_config(model_type, text, s)
     if model_type in _QWEN3:
         return _qwen3_config(model_type, text, s)
     if model_type in ("qwen2_5_vl", "qwen2_vl"):
@@ -187,6 +197,33 @@ def _qwen3_config(model_type: str, text: dict, s: dict):
     return Qwen3VLMoeConfig(text_config=text, vision_config=vision, **ids)
 
 
+def _qwen3_5_config(model_type: str, text: dict, s: dict):
+    head_dim = s["hidden_size"] // s["heads"]
+    # partial rotary (the real models rotate a quarter of each head); mrope sections count the rotated half's pairs
+    rotary = head_dim // 2
+    half = rotary // 2
+    hw = max(1, (half * 20) // 64)
+    layer_types = ["linear_attention" if i % 2 == 0 else "full_attention" for i in range(s["num_layers"])]
+    text = dict(text, head_dim=head_dim, layer_types=layer_types, linear_conv_kernel_dim=4, linear_key_head_dim=8,
+                linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                 "mrope_section": [half - 2 * hw, hw, hw], "mrope_interleaved": True})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=s["hidden_size"], num_position_embeddings=64)
+    ids = dict(image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=VISION_START_ID,
+               vision_end_token_id=VISION_END_ID, tie_word_embeddings=False)
+    if model_type == "qwen3_5":
+        from transformers import Qwen3_5Config
+
+        return Qwen3_5Config(text_config=text, vision_config=vision, **ids)
+    from transformers import Qwen3_5MoeConfig
+
+    expert = s["intermediate"] // 4
+    text = dict(text, moe_intermediate_size=expert, shared_expert_intermediate_size=expert, num_experts=4,
+                num_experts_per_tok=2)
+    return Qwen3_5MoeConfig(text_config=text, vision_config=vision, **ids)
+
+
 def _model_class(model_type: str):
     import transformers
 
@@ -196,6 +233,8 @@ def _model_class(model_type: str):
         "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
         "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
         "qwen3_vl_moe": transformers.Qwen3VLMoeForConditionalGeneration,
+        "qwen3_5": transformers.Qwen3_5ForConditionalGeneration,
+        "qwen3_5_moe": transformers.Qwen3_5MoeForConditionalGeneration,
     }[model_type]
 
 

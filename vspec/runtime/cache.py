@@ -161,6 +161,26 @@ class _StorageLayer(CacheLayerMixin):
         raise NotImplementedError("SpecCache does not offload")
 
 
+class _NoKVLayer(_StorageLayer):
+    """A layer that holds no keys or values (a hybrid model's linear-attention layer, whose state the runtime keeps
+    itself): it reports the first KV layer's length, so transformers' mask sizing reads the same from any layer."""
+
+    @property
+    def length(self) -> int:
+        c = self._cache
+        return c.layers[c.kv_layers[0]].length if c.kv_layers else 0
+
+    @length.setter
+    def length(self, n: int) -> None:
+        pass
+
+    def _slab(self):
+        return None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError(f"layer {self.layer_idx} of this SpecCache holds no keys/values (a linear-attention layer)")
+
+
 class SpecCache(Cache):
     """Static KV cache: one ``[L, 2, B, Hkv, S_max, D]`` storage, a shared physical length, a validity mask.
 
@@ -173,6 +193,8 @@ class SpecCache(Cache):
             now; otherwise on the first ``update`` (from the key states' shape, dtype and device).
         grow: when an update would pass ``max_length``, reallocate with twice the room (copying, and
             invalidating earlier views) instead of raising.
+        no_kv: indices of layers that hold no keys/values (a hybrid model's linear-attention layers); they get
+            no storage and report the first KV layer's length.
 
     Attributes:
         storage: ``[L, 2, B, Hkv, S_max, D]`` or None before allocation (a cache spanning several devices:
@@ -191,7 +213,7 @@ class SpecCache(Cache):
     def __init__(self, config=None, *, max_length: int, num_layers: int | None = None,
                  batch_size: int | None = None, num_kv_heads: int | None = None,
                  head_dim: int | None = None, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, grow: bool = False):
+                 device: torch.device | str | None = None, grow: bool = False, no_kv=frozenset()):
         text = config.get_text_config(decoder=True) if config is not None else None
         if num_layers is None:
             if text is None:
@@ -201,11 +223,15 @@ class SpecCache(Cache):
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
-        super().__init__(layers=[_StorageLayer(self, i) for i in range(num_layers)])
+        self.kv_layers = [i for i in range(num_layers) if i not in no_kv]
+        if not self.kv_layers:
+            raise ValueError("SpecCache needs at least one layer with keys/values")
+        super().__init__(layers=[_NoKVLayer(self, i) if i in no_kv else _StorageLayer(self, i)
+                                 for i in range(num_layers)])
         self.max_length = max_length
         self.grow = grow
         self.storages: list[torch.Tensor] = []
-        self._where: list[tuple[int, int]] = [(0, i) for i in range(num_layers)]  # layer -> (storage, index)
+        self._where = {i: (0, j) for j, i in enumerate(self.kv_layers)}  # KV layer -> (storage, index in it)
         self.valid: torch.Tensor | None = None
         self.mark_appends_valid = True
         self.reallocations = 0
@@ -225,9 +251,9 @@ class SpecCache(Cache):
 
     def _allocate(self, batch_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                   device: torch.device) -> None:
-        shape = (len(self.layers), 2, batch_size, num_kv_heads, self.max_length, head_dim)
+        shape = (len(self.kv_layers), 2, batch_size, num_kv_heads, self.max_length, head_dim)
         self.storages = [torch.zeros(shape, dtype=dtype, device=device)]
-        self._where = [(0, i) for i in range(len(self.layers))]
+        self._where = {i: (0, j) for j, i in enumerate(self.kv_layers)}
         self.valid = torch.zeros(batch_size, self.max_length, dtype=torch.bool, device=device)
 
     @property
@@ -261,7 +287,7 @@ class SpecCache(Cache):
     @property
     def length(self) -> int:
         """Physical length shared by all rows (slots ``[0, length)`` are in use, holes included)."""
-        return self.layers[0].length
+        return self.layers[self.kv_layers[0]].length
 
     @property
     def batch_size(self) -> int:
@@ -421,31 +447,34 @@ class SpecCache(Cache):
 
     @classmethod
     def from_dynamic(cls, cache: Cache, *, max_length: int, valid: torch.Tensor | None = None,
-                     config=None, grow: bool = False) -> SpecCache:
+                     config=None, grow: bool = False, no_kv=frozenset()) -> SpecCache:
         """A SpecCache holding a copy of ``cache``'s layers (e.g. a ``DynamicCache`` after a prefill).
 
         Layers on different devices (a sharded model) go to one storage per device; ``valid`` lives on the
-        device of ``valid`` when given, else on layer 0's.
+        device of ``valid`` when given, else on the first KV layer's. ``no_kv``: layers to leave out (a hybrid
+        model's linear-attention layers; see ``SpecCache``).
 
         valid: ``[B, S]`` mask of real tokens (the prefill's ``attention_mask``); default all valid.
         """
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
-        if not layers or any(k is None or k.numel() == 0 for k, _ in layers):
+        n_layers = len(cache.layers)
+        layers = {i: (layer.keys, layer.values) for i, layer in enumerate(cache.layers) if i not in no_kv}
+        if not layers or any(k is None or k.numel() == 0 for k, _ in layers.values()):
             raise ValueError("cache must have every layer filled (run the prefill first)")
-        k0 = layers[0][0]
+        first = min(layers)
+        k0 = layers[first][0]
         B, H, S, D = k0.shape
         if S > max_length:
             raise ValueError(f"max_length={max_length} is smaller than the cache's length {S}")
-        out = cls(config, max_length=max_length, num_layers=len(layers), grow=grow)
+        out = cls(config, max_length=max_length, num_layers=n_layers, grow=grow, no_kv=no_kv)
         devices: list[torch.device] = []
-        for i, (k, v) in enumerate(layers):
+        for i, (k, v) in layers.items():
             if k.shape != (B, H, S, D) or v.shape != (B, H, S, D):
                 raise ValueError(f"layer {i} of cache has keys {tuple(k.shape)} / values {tuple(v.shape)}, "
-                                 f"expected {(B, H, S, D)} like layer 0")
+                                 f"expected {(B, H, S, D)} like layer {first}")
             if k.device not in devices:
                 devices.append(k.device)
         counts = [0] * len(devices)
-        for i, (k, _) in enumerate(layers):
+        for i, (k, _) in layers.items():
             d = devices.index(k.device)
             out._where[i] = (d, counts[d])
             counts[d] += 1
@@ -453,7 +482,7 @@ class SpecCache(Cache):
                         for c, dev in zip(counts, devices)]
         vdev = valid.device if valid is not None else k0.device
         out.valid = torch.zeros(B, max_length, dtype=torch.bool, device=vdev)
-        for i, (k, v) in enumerate(layers):
+        for i, (k, v) in layers.items():
             slab = out.layers[i]._slab()
             slab[0, :, :, :S].copy_(k)
             slab[1, :, :, :S].copy_(v)

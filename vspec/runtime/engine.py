@@ -70,6 +70,7 @@ class SpecDecoder:
             raise ValueError(
                 f"target ({target.config.model_type}) and draft ({draft.config.model_type}) must be of one family"
             )
+        self._check_hybrid()
         self.steps = RoundSteps(target, draft, self.config, self.t_adapter, self.d_adapter, self.vocab)
         self.prefill_steps = Prefill(target, draft, self.config, self.t_adapter, self.d_adapter)
 
@@ -167,6 +168,23 @@ class SpecDecoder:
                 raise ValueError(f"{name} is not supported: SpecDecoder manages both models' caches")
             model_kwargs.pop(name, None)
         return input_ids, attention_mask
+
+    def _check_hybrid(self) -> None:
+        """Schedules that a hybrid model's linear-attention layers (Qwen3.5) cannot roll back are refused: only a
+        rejected suffix of each row's tokens can be undone there (:mod:`vspec.runtime.linear_state`), so trees are
+        (the chain and the parallel schedule reject suffixes only)."""
+        hybrid = [name for name, adapter in (("target", self.t_adapter), ("draft", self.d_adapter))
+                  if adapter.linear_attention_modules()]
+        if not hybrid:
+            return
+        which = f"the {' and '.join(hybrid)} of {self.target.config.model_type}"
+        if self.config.tree is not None:
+            raise ValueError(f"SpecConfig.tree is not supported with linear-attention layers ({which}): a tree would "
+                             f"need a recurrent state per node; use tree=None (chain drafting)")
+        if self.config.compile is not False:
+            raise ValueError(f"SpecConfig.compile is not supported with linear-attention layers ({which}) yet: their "
+                             f"state step (hole skipping, the rollback journal) is not capturable; use the eager path "
+                             f"(compile=False)")
 
     def _check_tree(self, settings) -> None:
         """Errors for what tree drafting does not support, raised before any work is done."""

@@ -78,6 +78,8 @@ from .state import ModelState
 from .steps import RoundSteps
 
 PRE_MODES = ("pre", "pearl")
+#: rollback periods a hybrid draft's linear-attention journal keeps (``LinearAttentionState.keep_rounds``)
+LINEAR_KEEP_ROUNDS = 3
 POST_MODES = ("post", "pearl")
 
 
@@ -195,10 +197,15 @@ class ParallelSchedule(Schedule):
 
     def states(self, prompt: Prompt, call: CallState) -> tuple[ModelState, DraftSideState]:
         reserve = self.reserve(call)
-        return (ModelState(self.steps.target, self.steps.t_adapter, reserve=reserve,
-                           **self.steps.state_kwargs("target")),
-                DraftSideState(self.steps.draft, self.steps.d_adapter, self.side, reserve=reserve,
-                               **self.steps.state_kwargs("draft")))
+        target = ModelState(self.steps.target, self.steps.t_adapter, reserve=reserve,
+                            **self.steps.state_kwargs("target"))
+        draft = DraftSideState(self.steps.draft, self.steps.d_adapter, self.side, reserve=reserve,
+                               **self.steps.state_kwargs("draft"))
+        if draft.linear is not None:
+            # A hybrid draft's rollback may reach back past two earlier rollbacks (a kept speculation, fed in the
+            # previous verify round, rejected after a drafting phase or pre-verify round): keep three periods.
+            draft.linear.keep_rounds = LINEAR_KEEP_ROUNDS
+        return target, draft
 
     # ---- prefill ------------------------------------------------------------------------------------------
     def run_prefill(self, prompt: Prompt, target: ModelState, draft: DraftSideState, plan: PrefillPlan,

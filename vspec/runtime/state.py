@@ -10,11 +10,13 @@ batch row can accept a different number of tokens than its neighbours without mo
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
 
 from .cache import SpecCache
+from .linear_state import LinearAttentionState
 from .models import ModelAdapter
 
 
@@ -76,6 +78,12 @@ class ModelState:
     ``runner`` (default: the model itself) is what runs those forwards, e.g. ``torch.compile(model)``.
 
     valid: ``[B, S]`` bool over the physical slots in use (a view of the mask buffer after the prefill).
+
+    linear: the states of a hybrid model's linear-attention layers
+    (:class:`~vspec.runtime.linear_state.LinearAttentionState`, None for a pure-attention model): every forward feeds
+    them (skipping holes), :meth:`invalidate` rolls them back exactly (not by masking: only a suffix of each row can
+    be rejected), :meth:`truncate` / :meth:`compact_` / :meth:`select_rows` keep their journal in step; the storage
+    holds keys and values of the attention layers only. Hybrid models decode on the eager path.
     """
 
     def __init__(self, model, adapter: ModelAdapter, *, reserve: int = 256, fixed_shapes: bool = False,
@@ -91,6 +99,13 @@ class ModelState:
         self._cache_kw = cache_keyword(model)
         self._valid: torch.Tensor | None = None  # the prefill's mask, until the storage is static
         self.calls = 0
+        # [linear-attention hook] the linear layers' states live outside the cache; only attention layers hold KV
+        linear = adapter.linear_attention_modules()
+        self.linear = LinearAttentionState(linear) if linear else None
+        self._kv_skip = frozenset(linear)
+        if self.linear is not None and fixed_shapes:
+            raise ValueError("fixed shapes (SpecConfig(compile=...)) are not supported for hybrid linear-attention "
+                             "models yet: their layers' state step is not capturable; use the eager path")
 
     @property
     def static(self) -> bool:
@@ -123,7 +138,7 @@ class ModelState:
         """Move the prefill's keys/values into a SpecCache with room for ``reserve`` more slots (once)."""
         n = self._valid.shape[1]
         cache = SpecCache.from_dynamic(self.cache, max_length=n + self.reserve, valid=self._valid,
-                                       config=self.model.config, grow=True)
+                                       config=self.model.config, grow=True, no_kv=self._kv_skip)
         cache.mark_appends_valid = False  # the state writes each forward's valid slots itself
         self.cache, self._valid = cache, None
         self._mark_static()
@@ -190,10 +205,13 @@ class ModelState:
             return self._fixed_call(new_valid, None, input_ids=input_ids, inputs_embeds=inputs_embeds,
                                     position_ids=self.adapter.model_position_ids(positions),
                                     logits_to_keep=logits_to_keep, **model_kwargs)
+        start = self.length
         mask = self._append_valid(new_valid)
-        return self._call(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                          position_ids=self.adapter.model_position_ids(positions), attention_mask=mask.long(),
-                          logits_to_keep=logits_to_keep, **model_kwargs)
+        # [linear-attention hook] linear layers read/write self.linear during this forward, skipping holes
+        with self.linear.step(start, new_valid) if self.linear is not None else contextlib.nullcontext():
+            return self._call(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                              position_ids=self.adapter.model_position_ids(positions), attention_mask=mask.long(),
+                              logits_to_keep=logits_to_keep, **model_kwargs)
 
     def forward_tree(self, *, input_ids: torch.Tensor, positions: torch.Tensor,
                      tree_mask: torch.Tensor) -> torch.Tensor:
@@ -207,6 +225,9 @@ class ModelState:
         dtype: transformers passes a 4-D mask through unchanged, sdpa adds a float mask and eager attention adds
         whatever it gets (a bool mask would be added as 0/1 there), so this one format serves both.
         """
+        if self.linear is not None:  # [linear-attention hook]
+            raise NotImplementedError("tree forwards need a linear-attention state per tree node; hybrid models "
+                                      "(Qwen3.5) decode with chains")
         B, n, k = tree_mask.shape
         if self.fixed_shapes and self.static:
             return self._fixed_call(tree_mask.new_ones(B, n), tree_mask, input_ids=input_ids,
@@ -223,6 +244,9 @@ class ModelState:
     def keep_only(self, start: int, keep: torch.Tensor) -> None:
         """Slots ``[start, start + n)`` of row b stay valid only where ``keep[b]`` ``[B, n]`` is True (the rest
         become holes): a device op, no sync."""
+        if self.linear is not None:  # [linear-attention hook]
+            raise NotImplementedError("keep_only cannot roll back linear-attention layers (only a suffix can be "
+                                      "rejected: ModelState.invalidate)")
         n = keep.shape[1]
         self.valid[:, start:start + n] &= keep
 
@@ -230,6 +254,8 @@ class ModelState:
         """Roll the physical length back to ``n`` slots (a length move: the storage stays)."""
         if n >= self.length:
             return
+        if self.linear is not None:  # [linear-attention hook]
+            self.linear.truncate(n)
         self.cache.crop(n)
 
     def invalidate(self, start: torch.Tensor, stop: int, *, trim: bool = True) -> None:
@@ -238,9 +264,17 @@ class ModelState:
         With ``trim`` the trailing all-hole slots are dropped at once (a host sync); the decode loop passes
         ``trim=False`` and calls :meth:`truncate` with the length from :meth:`extent`, read in its one sync.
         """
+        before = None
+        if self.linear is not None:  # [linear-attention hook] (1/2) only a suffix can be rejected
+            if stop != self.length:
+                raise NotImplementedError(f"linear-attention layers can only reject a suffix: stop must be the "
+                                          f"length {self.length}, got {stop}")
+            before = self.valid.clone()
         valid = self.valid
         cols = torch.arange(valid.shape[1], device=valid.device)
         valid &= ~((cols[None, :] >= start[:, None]) & (cols[None, :] < stop))
+        if self.linear is not None:  # [linear-attention hook] (2/2) exact rollback to each row's valid slots
+            self.linear.rollback(self.valid, before)
         if trim:
             self.truncate(int(self.extent()[0]))
 
@@ -254,6 +288,8 @@ class ModelState:
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only batch rows ``rows`` (finished rows stop costing work; new, smaller storages)."""
+        if self.linear is not None:  # [linear-attention hook]
+            self.linear.select_rows(rows)
         self.cache.select_rows(rows)
         self._mark_static()
 
@@ -268,4 +304,6 @@ class ModelState:
         fullest: valid slots of the fullest row, when the caller has it on the host (no sync then).
         """
         src_idx = padded_indices(self.valid, fullest)
+        if self.linear is not None:  # [linear-attention hook] the states hold no slots; their journal follows
+            self.linear.compacted(src_idx, self.length)
         self.cache.compact_(src_idx, 0, length=src_idx.shape[1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .base import ModelAdapter, Prompt, VisualSpan
 from .llava_onevision import LlavaOnevisionAdapter
+from .qwen3_5 import Qwen3_5Adapter
 from .qwen3_vl import Qwen3VLAdapter
 from .qwen_vl import QwenVLAdapter
 
@@ -18,6 +19,8 @@ _ADAPTERS = {
     "llava_onevision": LlavaOnevisionAdapter,
     "qwen3_vl": Qwen3VLAdapter,
     "qwen3_vl_moe": Qwen3VLAdapter,
+    "qwen3_5": Qwen3_5Adapter,
+    "qwen3_5_moe": Qwen3_5Adapter,
 }
 SUPPORTED_MODEL_TYPES = tuple(_ADAPTERS)
 

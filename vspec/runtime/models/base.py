@@ -116,6 +116,12 @@ class ModelAdapter:
         """Logical positions ``[B, n]`` of generated tokens as ``[P, B, n]``."""
         return pos.unsqueeze(0).expand(self.position_rows, -1, -1)
 
+    # ---- hybrid models -------------------------------------------------------------------------
+    def linear_attention_modules(self) -> dict:
+        """``{layer_idx: module}`` of the decoder's linear-attention layers (a recurrent state that masking cannot
+        roll back: :mod:`vspec.runtime.linear_state`); ``{}`` for a pure-attention model."""
+        return {}
+
     # ---- embeddings ------------------------------------------------------------------------------
     def language_model(self):
         return self.model.model.language_model
