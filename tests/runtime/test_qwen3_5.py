@@ -114,6 +114,12 @@ def test_trees_are_refused(models):
         SpecDecoder(target, close, SpecConfig(tree=TreeConfig(width=2, depth=3)))
 
 
+def test_compiled_path_is_refused(models):
+    target, close, _ = models["qwen3_5"]
+    with pytest.raises(ValueError, match="compile is not supported with linear-attention layers"):
+        SpecDecoder(target, close, SpecConfig(compile={"backend": "eager"}))
+
+
 # ---- the state: holes skipped, rollback exact ---------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rollback_leaves_each_row_the_state_of_its_kept_tokens(models, family):
@@ -249,8 +255,8 @@ def draft_states(monkeypatch):
     seen = []
     states = ParallelSchedule.states
 
-    def capture(self, prompt):
-        target, draft = states(self, prompt)
+    def capture(self, prompt, call):
+        target, draft = states(self, prompt, call)
         seen.append(draft)
         return target, draft
 
