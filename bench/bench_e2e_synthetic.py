@@ -328,6 +328,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-parallel", action="store_true", help="skip the parallel-schedule rows")
     p.add_argument("--no-eager", action="store_true", help="skip the eager rows (with --compile: compiled only)")
+    p.add_argument("--methods", default=None, type=lambda s: s.split(","),
+                   help="exactly these of eager-serial, eager-parallel, compiled-serial, compiled-parallel (the "
+                        "compiled ones also run the static-cache generate peer)")
     p.add_argument("--append", action="store_true", help="add the rows to OUT/e2e_synthetic.csv (plot all)")
     p.add_argument("--compile", action="store_true",
                    help="also the compiled path (SpecConfig(compile=...)) and its peer, target.generate with "
@@ -385,6 +388,12 @@ def main(argv=None) -> int:
     print(f"target.generate: {n_new / t_gen:.2f} tok/s, T_t(1) = {t_t1:.1f} ms, prefill {1000 * t_gen1:.0f} ms",
           flush=True)
 
+    known = ("eager-serial", "eager-parallel", "compiled-serial", "compiled-parallel")
+    if args.methods is not None:
+        bad = [m for m in args.methods if m not in known]
+        if bad:
+            p.error(f"--methods: unknown {bad}; choose from {known}")
+        args.compile = any(m.startswith("compiled") for m in args.methods)
     methods = [("eager-serial", {})]
     if not args.no_parallel:
         methods.append(("eager-parallel", dict(parallel=True)))
@@ -399,6 +408,12 @@ def main(argv=None) -> int:
                          tok_s=round(n_new / t_peer, 2) if t_peer else "", speedup=round(t_gen / t_peer, 3)
                          if t_peer else "", note=note))
         print(f"target.generate static+compile: {note}", flush=True)
+    if args.methods is not None:
+        every = {m: kw for m, kw in eager} | {m.replace("eager", "compiled"): dict(kw, compile=setting)
+                                              for m, kw in [("eager-serial", {}), ("eager-parallel",
+                                                                                    dict(parallel=True))]
+                                              if args.compile}
+        eager = [(m, every[m]) for m in args.methods]
     for method, extra in eager:
         for gamma in gammas:
             comp = {}
