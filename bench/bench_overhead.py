@@ -4,18 +4,18 @@
     python bench/bench_overhead.py --compile-backend eager --clips 4     # dynamo capture without inductor
 
 Per configuration, over the same held-out clips (batch 1, greedy, the shipped pair): the decode time per round
-(wall time of a ``generate`` minus its prefill, which is timed separately with ``max_new_tokens=1``, over the
-rounds), the time inside the models' forwards per round (timed around the calls that run them: module hooks
-on the eager path, a wrapper of the compiled runner on the compiled one), and their difference, the runtime's
-own time per round (masks, verification, commit, the round's host sync, trimming), absolute and as a fraction of
-the round. Tiny models make the forwards cheap, so this is where the runtime's own cost shows most.
+(from ``RoundSteps.start_decode``, after both prefills, to the end of ``generate``, over the rounds), the time
+inside the models' forwards per round (timed around the calls that run them: module hooks on the eager path, a
+wrapper of the compiled runner on the compiled one), and their difference, the runtime's own time per round
+(masks, verification, commit, the round's host sync, trimming), absolute and as a fraction of the round. Tiny
+models make the forwards cheap, so this is where the runtime's own cost shows most.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,6 +29,7 @@ from vspec import SpecConfig, SpecDecoder  # noqa: E402
 from vspec.demo.evaluate import workload  # noqa: E402
 from vspec.demo.models import load_pair  # noqa: E402
 from vspec.runtime.state import ModelState  # noqa: E402
+from vspec.runtime.steps import RoundSteps  # noqa: E402
 
 COLUMNS = ["config", "clips", "rounds", "mal", "round_ms", "forward_ms", "runtime_ms", "runtime_frac", "identical"]
 
@@ -134,19 +135,17 @@ def measure(name, dec, target, wl, clock, args) -> dict:
     n = args.max_new_tokens
     with torch.inference_mode():
         for batch in wl.batches:  # warm-up: every shape compiled before timing
-            dec.generate(**batch.inputs, max_new_tokens=n)
-        for batch in wl.batches:
-            pre = statistics.median(_wall(lambda: dec.generate(**batch.inputs, max_new_tokens=1))  # noqa: B023
-                                    for _ in range(3))
+            dec.generate(**batch, max_new_tokens=n)
+        for batch, ref in zip(wl.batches, wl.refs):
             clock.reset()
             clock.on = True
-            t0 = time.perf_counter()
-            out = dec.generate(**batch.inputs, max_new_tokens=n)
-            wall = time.perf_counter() - t0
+            start = []
+            with _mark_decode_start(start):
+                out = dec.generate(**batch, max_new_tokens=n)
+            end = time.perf_counter()
             clock.on = False
-            ref = target.generate(**batch.inputs, max_new_tokens=n, do_sample=False)
             same &= torch.equal(out.sequences, ref)
-            decode += 1000 * (wall - pre)
+            decode += 1000 * (end - start[0])
             fwd += clock.ms
             rounds += out.stats.rounds
             emitted += out.stats.emitted
@@ -156,10 +155,20 @@ def measure(name, dec, target, wl, clock, args) -> dict:
                 runtime_frac=round((round_ms - fwd_ms) / round_ms, 3), identical=same)
 
 
-def _wall(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+@contextlib.contextmanager
+def _mark_decode_start(stamps: list):
+    """Append the time at which the decode phase starts (``RoundSteps.start_decode``, after both prefills)."""
+    orig = RoundSteps.start_decode
+
+    def start_decode(*args, **kwargs):
+        stamps.append(time.perf_counter())
+        return orig(*args, **kwargs)
+
+    RoundSteps.start_decode = start_decode
+    try:
+        yield
+    finally:
+        RoundSteps.start_decode = orig
 
 
 if __name__ == "__main__":
