@@ -321,6 +321,7 @@ def cmd_generate(args) -> int:
         from .demo.models import build_batch
         from .demo.task import FRAMES, SIZE
         from .demo.tokenizer import WordTokenizer
+        from .demo.video import read_clip
 
         if cfgs["target"].model_type != "qwen2_5_vl":
             print("vspec generate: a word-tokenizer folder must hold a qwen2_5_vl model", file=sys.stderr)
@@ -331,12 +332,11 @@ def cmd_generate(args) -> int:
             print(f"vspec generate: {', '.join(given)} ignored: a {WORD_TOKENIZER_FILE} model takes {FRAMES} frames "
                   f"of {SIZE}x{SIZE}", file=sys.stderr)
         tok = WordTokenizer.load(word_tok)
-        clip, info = _sample_video(video, frames=FRAMES)
-        frames = torch.nn.functional.interpolate(clip.float() / 255.0, size=(SIZE, SIZE), mode="bilinear",
-                                                 antialias=True, align_corners=False).clamp(0, 1)
+        frames, info = read_clip(video)  # FRAMES frames spread uniformly, resized to SIZE x SIZE
         inputs = build_batch([frames], tok, prompt=args.prompt, device=device)[0]
-        video_note = (f"video: {len(info['indices'])} of {info['total']} frames (fixed by the model), "
-                      f"{SIZE}x{SIZE} px")
+        h, w = info["size"]
+        video_note = (f"video: {len(info['indices'])} of {info['total']} frames (fixed by the model), {w}x{h} px"
+                      + ("" if (h, w) == (SIZE, SIZE) else f" resized to {SIZE}x{SIZE}"))
         load = Qwen2_5_VLForConditionalGeneration.from_pretrained
         streamer = _WordStreamer(tok)
         pair_tokenizer = None

@@ -111,6 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--min-score-rel", type=float, default=0.998,
                    help="with --choose-from: the task score relative to strict a threshold must keep (default 0.998)")
     p.add_argument("--no-mp4", action="store_true", help="skip the clips-through-mp4 section")
+    p.add_argument("--no-pruning", action="store_true",
+                   help="section 1 at --prune / --keep-ratio only (no other methods or ratios, no oracle keep-set)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--prune", default="semantic", help="prune method of the loose sweep (default semantic)")
     p.add_argument("--keep-ratio", type=float, default=0.1, help="keep ratio of the loose sweep (default 0.1)")
@@ -161,6 +163,8 @@ def main(argv=None) -> int:
     # ---- 1. strict: MAL against keep ratio -------------------------------------------------------------
     ratios = (1.0, 0.25, 0.1) if args.quick else RATIOS
     methods = ("semantic", "random") if args.quick else METHODS
+    if args.no_pruning:
+        ratios, methods = (1.0, args.keep_ratio), (args.prune,)
     full_cfg = SpecConfig(draft_len=args.draft_len, prune="none", keep_ratio=1.0)
     full = run_method("strict prune=none keep=1", wl, spec(full_cfg))
     rows.append(_row("pruning", full, full_cfg, wl.clips, ref.score))
@@ -184,13 +188,15 @@ def main(argv=None) -> int:
         rows.append(_row("pruning", strict_default, cfg, wl.clips, ref.score))
     # An upper reference from the ground truth: each square's first and last token (then its others, then the
     # lowest free positions) at the same budget. Not a method: it reads the clip's metadata.
-    cfg = SpecConfig(draft_len=args.draft_len, prune="semantic", keep_ratio=args.keep_ratio)
-    with _oracle_keep_sets(wl) as fn:
-        oracle = run_method(f"strict oracle keep-set keep={args.keep_ratio:g}", wl, fn(spec(cfg)))
-    row = _row("pruning", oracle, cfg, wl.clips, ref.score)
-    row["prune"] = "oracle"
-    rows.append(row)
-    say(f"strict oracle keep-set {args.keep_ratio:g}: MAL {oracle.mal:.3f} identical {oracle.identical}/{oracle.rows}")
+    if not args.no_pruning:
+        cfg = SpecConfig(draft_len=args.draft_len, prune="semantic", keep_ratio=args.keep_ratio)
+        with _oracle_keep_sets(wl) as fn:
+            oracle = run_method(f"strict oracle keep-set keep={args.keep_ratio:g}", wl, fn(spec(cfg)))
+        row = _row("pruning", oracle, cfg, wl.clips, ref.score)
+        row["prune"] = "oracle"
+        rows.append(row)
+        say(f"strict oracle keep-set {args.keep_ratio:g}: MAL {oracle.mal:.3f} identical {oracle.identical}/"
+            f"{oracle.rows}")
 
     # ---- 1b. semantic fusion weights (optional) ---------------------------------------------------------------
     sweep_rows = []
