@@ -218,8 +218,7 @@ def main(argv=None) -> int:
         anchors = torch.tensor(anchor_token_ids(tok))
         detector_settings = [("hidden", dict(layer=1)), ("attention", {}), ("grounded", {})]
         if not args.quick:
-            detector_settings += [("hidden", dict(layer=-1)), ("attention", dict(attention_layers=(0, 1, 2, 3))),
-                                  ("grounded", dict(visual_layers=(2, 3)))]
+            detector_settings += [("hidden", dict(layer=-1)), ("grounded", dict(visual_layers=(2, 3)))]
         for gamma in gammas:
             strict_cfg = SpecConfig(draft_len=gamma, prune=args.prune, keep_ratio=args.keep_ratio)
             if gamma == args.draft_len:
