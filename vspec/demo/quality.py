@@ -108,6 +108,9 @@ def main(argv=None) -> int:
     p.add_argument("--choose-from", default=None,
                    help="a validation run's quality.csv: run only the threshold it chose per detector and draft "
                         "length (for test runs)")
+    p.add_argument("--choose-on-val", type=int, default=0, metavar="N",
+                   help="first run the detector and loose sections on N validation clips (written to OUT/val/), "
+                        "then use that run's choices as --choose-from does: one command per setting")
     p.add_argument("--min-score-rel", type=float, default=0.998,
                    help="with --choose-from: the task score relative to strict a threshold must keep (default 0.998)")
     p.add_argument("--no-mp4", action="store_true", help="skip the clips-through-mp4 section")
@@ -133,9 +136,22 @@ def main(argv=None) -> int:
         p.error(f"--draft-lens must be comma-separated integers, got {args.draft_lens!r}")
     if any(g < 1 for g in gammas):
         p.error(f"--draft-lens must be >= 1, got {args.draft_lens!r}")
-    chosen = _read_choices(Path(args.choose_from), args.min_score_rel) if args.choose_from else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.choose_on_val:
+        if args.choose_from or args.split == "val":
+            p.error("--choose-on-val runs the validation pass itself: drop --choose-from / --split val")
+        val_argv = ["--out", str(out / "val"), "--split", "val", "--clips", str(args.choose_on_val),
+                    "--batch-size", str(args.batch_size), "--draft-len", str(args.draft_len),
+                    "--draft-lens", ",".join(map(str, gammas)), "--setting", args.setting, "--prune", args.prune,
+                    "--keep-ratio", str(args.keep_ratio), "--max-new-tokens", str(args.max_new_tokens),
+                    "--threads", str(args.threads), "--no-pruning", "--no-mp4"]
+        val_argv += (["--quick"] if args.quick else []) + (["--weights", args.weights] if args.weights else [])
+        print(f"validation pass: vspec bench quality {' '.join(val_argv)}", file=sys.stderr, flush=True)
+        if main(val_argv) != 0:
+            return 1
+        args.choose_from = str(out / "val" / "quality.csv")
+    chosen = _read_choices(Path(args.choose_from), args.min_score_rel) if args.choose_from else None
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
