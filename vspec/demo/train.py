@@ -1,20 +1,27 @@
-"""Train the demo target and draft: ``python -m vspec.demo.train --out DIR``.
+"""Train the demo target and drafts: ``python -m vspec.demo.train --out DIR``.
 
 1. The target learns to caption training clips (cross-entropy on caption words, fillers sampled afresh for every
-   clip). 2. Drafts start from a copy of the target's vision tower (blocks frozen, a new last merger layer) and a
+   clip). By default (``--augment``) every clip first goes through :func:`vspec.demo.video.augment`, what real video
+   files do to frames (H.264 and JPEG round trips, brightness / colour jitter, resampling; seeded per clip), so the
+   models read mp4 files as well as rendered frames. 2. Drafts start from a copy of the target's vision tower
+   (blocks frozen, a new last merger layer) and a
    new small text model, trained with cross-entropy on the captions (``--draft-loss ce``, default; ``kd`` distils
    the target's next-token distribution, ``both`` trains one of each and keeps the one whose greedy choice agrees
    more often with the target's). By default the draft trains on PRUNED views (``--draft-prune-aug``): most rows
    hide all but 3–24 visual tokens from attention, keeping original positions, as SpecDecoder's pruned prefill
    does; without it the draft was fine with the whole video but lost acceptance when shown only the tokens a good
-   scorer keeps (weights/TRAINING.md has the figures). 3. Held-out evaluation:
-   target captions (greedy) scored with :func:`vspec.demo.task.score`, and draft/target agreement. The figures go to
-   stdout and to ``DIR/TRAINING.md``; weights to ``DIR/target`` and ``DIR/draft`` (``save_pretrained``).
+   scorer keeps (weights/TRAINING.md has the figures). With ``--divergent-draft`` (default) a second draft is
+   trained the same way on captions of the ``inverted`` style (another most likely filler in every slot): the
+   divergent setting of ``bench quality``. 3. Held-out evaluation:
+   target captions (greedy) scored with :func:`vspec.demo.task.score`, in memory and through mp4 files, and
+   draft/target agreement. The figures go to stdout and to ``DIR/TRAINING.md``; weights to ``DIR/target``,
+   ``DIR/draft`` and ``DIR/draft_divergent`` (``save_pretrained``).
 
-Everything is seeded (clip order, filler choices, initialisation); ``torch.set_num_threads`` is set from
-``--threads`` (1 by default, as in the recorded run), and results can differ with another thread count. With the
-defaults (3000 target steps, 2000 draft steps, 1 thread) the run reproduces the shipped ``model.safetensors`` files
-byte for byte on the CPU (about 27 minutes on 2 shared cores; weights/TRAINING.md).
+Everything is seeded (clip order, filler choices, augmentation, initialisation; x264 runs on 1 thread);
+``torch.set_num_threads`` is set from ``--threads`` (1 by default, as in the recorded run), and results can differ
+with another thread count. With the defaults (3000 target steps, 2000 steps per draft, 1 thread) the run makes the
+shipped ``model.safetensors`` files on the CPU (54 minutes on 2 cores shared with other jobs; weights/TRAINING.md
+says what was checked of its byte-for-byte reproduction).
 """
 
 from __future__ import annotations
