@@ -87,8 +87,10 @@ class LooseConfig:
     (nothing to be relevant to). The filler rule is ``ops.verify_loose``'s: ``top_k``, ``min_prob_ratio``, ``shift``,
     ``entropy_gate``, ``window`` (see its docstring). Zero tolerance (``top_k=1, shift=0``) equals strict.
     The filler rule's defaults are ``ops.LOOSE_RULE_DEFAULTS`` (one source for both). The detector's defaults
-    (hidden, layer 1, threshold 0.2) are the best setting of ``python -m vspec bench quality`` on the demo pair
-    (highest MAL at a task score close to strict's); the README's "Quality" section has the figures. Relevance
+    (hidden, layer 1, threshold 0.2) were the best setting of ``python -m vspec bench quality`` on the previous demo
+    pair (highest MAL at a task score close to strict's); on the retrained pair ``"grounded"`` (``visual_layers=(2,
+    3)``) is the one that separates anchor words from fillers (the README's "Quality" section has the figures and
+    the thresholds chosen on validation clips). Relevance
     scales differ between models: calibrate ``threshold`` for your pair (the benchmark prints relevance quantiles).
     """
 
