@@ -76,9 +76,10 @@ def pair():
 
 
 def test_shipped_pair_reads_clips_back_from_mp4(pair, tmp_path):
-    """8 held-out clips through H.264 mp4 files and `vspec generate`'s reader, decoded as the CLI does
-    (SpecDecoder, strict): the anchor score is within 2 points of the same clips in memory."""
-    target, draft, tok = pair
+    """8 held-out clips through H.264 mp4 files and `vspec generate`'s reader, captioned greedily (what the CLI's
+    strict SpecDecoder says: its equality with target.generate on mp4 clips is tests/test_cli.py's): the anchor
+    score is within 2 points of the same clips in memory."""
+    target, _, tok = pair
     clips = [make_clip(clip_seed("test", 700 + i)) for i in range(8)]
     read = []
     for i, (frames, meta) in enumerate(clips):
@@ -87,9 +88,8 @@ def test_shipped_pair_reads_clips_back_from_mp4(pair, tmp_path):
 
     def mean_score(batch):
         inputs = make_inputs(batch, tok)
-        out = SpecDecoder(target, draft).generate(**inputs, max_new_tokens=48, do_sample=False)
-        assert torch.equal(out.sequences, target.generate(**inputs, max_new_tokens=48, do_sample=False))
-        texts = tok.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:])
+        out = target.generate(**inputs, max_new_tokens=48, do_sample=False)
+        texts = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:])
         return sum(score(t, m) for t, (_, m) in zip(texts, batch)) / len(batch)
 
     in_memory, through_mp4 = mean_score(clips), mean_score(read)
