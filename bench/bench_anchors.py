@@ -5,9 +5,10 @@
 
 A target is prefilled once with a prompt of ``--visual`` visual tokens and ``--text`` text tokens; then the same
 verification forward over ``γ+1`` tokens is timed without a detector, with the hidden-state detector (forward hook
-+ top-N cosine against the visual hidden states) and with the attention detector (``visual_attention_mass`` per
-draft token at the configured layers). Each forward is undone (cache truncated) before the next, so every timing
-sees the same cache. The overhead is ``(t_detector - t_plain) / t_plain``.
++ top-N cosine against the visual hidden states), with the attention detector (``visual_attention_mass`` per
+draft token at the configured layers) and with the grounded detector (the same op per draft token at every layer,
+plus a softmax over the vocabulary per draft token). Each forward is undone (cache truncated) before the next, so
+every timing sees the same cache. The overhead is ``(t_detector - t_plain) / t_plain``.
 
 On CUDA the target is a Qwen2.5-VL language stack with 7B text shapes (hidden 3584, 28 heads / 4 kv heads, MLP
 18944, vocab 152064; ``--layers`` of the 28 layers, because the overhead per layer is what matters: the hidden
@@ -30,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vspec.runtime.anchors import AttentionDetector, HiddenStateDetector  # noqa: E402
+from vspec.runtime.anchors import AttentionDetector, GroundedDetector, HiddenStateDetector  # noqa: E402
 from vspec.runtime.config import LooseConfig  # noqa: E402
 from vspec.runtime.models import get_adapter  # noqa: E402
 from vspec.runtime.state import ModelState, padded_indices  # noqa: E402
@@ -108,7 +109,8 @@ def main(argv=None) -> int:
                       ("attention-all-layers", AttentionDetector(
                           LooseConfig(detector="attention",
                                       attention_layers=tuple(range(model.config.get_text_config().num_hidden_layers))),
-                          model))]:
+                          model)),
+                      ("grounded-all-layers", GroundedDetector(LooseConfig(detector="grounded"), model))]:
         state = ModelState(model, adapter)
         vidx = padded_indices(vis)
         ctx = det.prefill(vidx) if det is not None else None

@@ -369,10 +369,14 @@ def main(argv=None) -> int:
     t_clock = Clock(target, cuda)
     mark = DecodeMark(target, cuda)
     with torch.inference_mode():
-        t_gen, t_gen_dec, ref = timed_phases(lambda: target.generate(**inputs, max_new_tokens=n_new, **gen_kw),
-                                             mark, True, cuda, args.repeats)
-        with t_clock.on():  # one more run, clocked: the target's one-token forward
-            target.generate(**inputs, max_new_tokens=n_new, **gen_kw)
+        # CPU: the forwards are clocked inside the timed runs (perf_counter, no sync), so components and speed come
+        # from the same runs; CUDA: clocking syncs, so one more run is clocked separately
+        with t_clock.on() if not cuda else contextlib.nullcontext():
+            t_gen, t_gen_dec, ref = timed_phases(lambda: target.generate(**inputs, max_new_tokens=n_new, **gen_kw),
+                                                 mark, True, cuda, args.repeats)
+        if cuda:
+            with t_clock.on():
+                target.generate(**inputs, max_new_tokens=n_new, **gen_kw)
         t_t1 = t_clock.median(1)
     for h in t_clock.handles:  # no hooks on the models from here on (dynamo would trace them)
         h.remove()
@@ -422,12 +426,18 @@ def main(argv=None) -> int:
                 hook = SyntheticAcceptance(draft, ref_new, prob, seed=gamma, cuda=cuda)
                 with torch.inference_mode(), hook.installed():
                     run = functools.partial(spec_run, dec, hook, inputs, gen_kw)
-                    # warm-up (compilation, caches) with the first p only
+                    # warm-up (compilation, caches) with the first p only; CPU: clocked inside the timed runs
+                    warm = prob == ps[0]
+                    hook.clock = not cuda
                     with mark.on_start_decode():
                         t_spec, t_spec_dec, out = timed_phases(lambda: run(n_new), mark, False, cuda,  # noqa: B023
-                                                               args.repeats, warmup=prob == ps[0])
-                    hook.clock = True  # one more run, clocked (syncs on CUDA, so not the timed ones)
-                    run(n_new)
+                                                               args.repeats, warmup=warm)
+                    clocked_runs = args.repeats + warm
+                    if cuda:  # one more run, clocked (the clock syncs)
+                        hook.calls.clear()
+                        hook.clock = True
+                        run(n_new)
+                        clocked_runs = 1
                 t_calls = [(n, t) for who, n, t in hook.calls if who == "target"]
                 d_calls = [(n, t) for who, n, t in hook.calls if who == "draft"]
                 st = out.stats
@@ -439,7 +449,7 @@ def main(argv=None) -> int:
                 mal = st.mean_accepted_length
                 ideal = mal * t_t1 / (t_verify + gamma * t_d)
                 dec_speed = t_gen_dec / t_spec_dec
-                decode_fwd_ms = sum(t for n, t in t_calls + d_calls if n <= gamma + 1)
+                decode_fwd_ms = sum(t for n, t in t_calls + d_calls if n <= gamma + 1) / clocked_runs
                 round_ms = 1000 * t_spec_dec / st.rounds
                 overhead = round_ms - decode_fwd_ms / st.rounds
                 row = dict(base, method=method, gamma=gamma, p=prob, mal=round(mal, 3),

@@ -45,6 +45,27 @@ def test_bench_quality_quick_writes_its_files(tmp_path, capsys):
     assert [(r["w_temporal"], r["split"], r["identical"]) for r in sweep] == [("0.0", "val", "2"), ("0.5", "val", "2")]
 
 
+def test_bench_quality_divergent_chooses_on_val_and_reads_mp4(tmp_path, capsys):
+    rc = main(["bench", "quality", "--out", str(tmp_path), "--quick", "--no-pruning", "--setting", "divergent",
+               "--clips", "2", "--max-new-tokens", "8", "--draft-len", "3", "--choose-on-val", "2"])
+    assert rc == 0 and "setting divergent; held-out test clips: 2" in capsys.readouterr().out
+    with open(tmp_path / "val" / "quality.csv") as f:
+        val = list(csv.DictReader(f))
+    with open(tmp_path / "quality.csv") as f:
+        rows = list(csv.DictReader(f))
+    with open(tmp_path / "detectors.csv") as f:
+        detectors = list(csv.DictReader(f))
+    assert {r["detector"] for r in detectors} == {"hidden", "attention", "grounded"}
+    assert all(r["setting"] == "divergent" and r["split"] == "test" for r in detectors)
+    # the test run tries one threshold per detector, one the validation run tried
+    tried = {(r["detector"], r["threshold"]) for r in val if r["verify"] == "loose" and " th=" in r["label"]}
+    chosen = [r for r in rows if r["verify"] == "loose" and " th=" in r["label"]]
+    assert len(chosen) == 3 and all((r["detector"], r["threshold"]) in tried for r in chosen)
+    mp4 = [r for r in rows if r["section"] == "mp4"]
+    assert [r["label"] for r in mp4][0] == "target.generate (mp4)" and len(mp4) == 3
+    assert all(r["identical"] == r["clips"] == "2" for r in mp4)  # strict is lossless on clips read from mp4 too
+
+
 def test_demo_runs_and_is_lossless(capsys):
     rc = main(["demo", "--clips", "1", "--max-new-tokens", "8", "--repeats", "1"])
     out = capsys.readouterr().out

@@ -649,12 +649,15 @@ def tiny_qwen_processor(model_or_config, *, min_pixels: int = 56 * 56, max_pixel
 
 
 def write_video(path, frames=None, *, num_frames: int = 8, fps: int = 4, height: int = 56, width: int = 56,
-                seed: int = 0) -> None:
+                seed: int = 0, crf: int = 18, threads: int = 0) -> None:
     """Write an H.264 (yuv420p) mp4 with PyAV.
 
     ``frames``: uint8 ``[T, H, W, 3]`` (numpy or torch), or ``None`` for a clip of ``num_frames`` frames of
     ``height`` × ``width`` (even sizes: yuv420p) at ``fps`` frames per second with a coloured square moving over
-    a noisy background. Every written frame decodes back (``av.open(path).decode(video=0)``).
+    a noisy background. Every written frame decodes back (``av.open(path).decode(video=0)``). ``path``: a file
+    name or a writable binary file object (e.g. ``io.BytesIO``). ``crf``: x264's constant rate factor (18: nearly
+    transparent; higher is lossier). ``threads``: x264 threads (0: x264 chooses; 1 for byte-identical output
+    whatever the machine).
     """
     import av
     import numpy as np
@@ -670,11 +673,14 @@ def write_video(path, frames=None, *, num_frames: int = 8, fps: int = 4, height:
     frames = np.asarray(frames, dtype=np.uint8)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 [T, H, W, 3], got shape {tuple(frames.shape)}")
-    with av.open(str(path), "w") as container:
+    target = path if hasattr(path, "write") else str(path)
+    with av.open(target, "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.height, stream.width = frames.shape[1], frames.shape[2]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18", "preset": "ultrafast"}
+        stream.options = {"crf": str(crf), "preset": "ultrafast"}
+        if threads:
+            stream.codec_context.thread_count = threads
         for img in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 container.mux(packet)

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from vspec import LooseConfig, SpecConfig, SpecDecoder
-from vspec.runtime.anchors import AttentionDetector, HiddenStateDetector
+from vspec.runtime.anchors import AttentionDetector, GroundedDetector, HiddenStateDetector
 from vspec.runtime.models import get_adapter
 from vspec.runtime.state import ModelState, padded_indices
 from vspec.testing import make_inputs, perturbed_copy, tiny_pair
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision"]
-DETECTORS = ["hidden", "attention", "none"]
+DETECTORS = ["hidden", "attention", "grounded", "none"]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def _fast_attention_scoring(monkeypatch, detector):
     interpreter that made these tests the slowest of the suite (~110 s). Its kernel equals the reference
     (tests/kernels/test_scoring.py) and the detector still runs through the kernels in
     test_tree_decoding.py::test_one_host_sync_per_round[loose_attention], so here the ops run on the reference."""
-    if detector == "attention":
+    if detector in ("attention", "grounded"):
         monkeypatch.setenv("VSPEC_BACKEND", "reference")
 
 
@@ -49,7 +49,7 @@ def test_zero_tolerance_equals_strict(models, family, batch, detector, monkeypat
     assert out.stats.loose_accepted == 0
 
 
-@pytest.mark.parametrize("detector,threshold", [("hidden", -1.0), ("attention", 0.0)])
+@pytest.mark.parametrize("detector,threshold", [("hidden", -1.0), ("attention", 0.0), ("grounded", 0.0)])
 def test_every_token_an_anchor_equals_strict(models, detector, threshold, monkeypatch):
     """A threshold every relevance reaches makes every draft token an anchor: the output is the target's."""
     _fast_attention_scoring(monkeypatch, detector)
@@ -109,16 +109,19 @@ def test_loose_rejects_sampling_and_bad_configs(models):
         LooseConfig(detector="magic")
     with pytest.raises(ValueError, match="anchor_token_ids"):
         LooseConfig(detector="token_ids")
+    with pytest.raises(ValueError, match="visual_layers"):
+        LooseConfig(detector="grounded", visual_layers=())
     with pytest.raises(ValueError, match="layer"):
         SpecDecoder(target, draft, SpecConfig(verify="loose", loose=LooseConfig(layer=99))).generate(
             **inputs, max_new_tokens=4)
 
 
-def test_text_only_rows_are_strict(models):
+def test_text_only_rows_are_strict(models, monkeypatch):
+    _fast_attention_scoring(monkeypatch, "grounded")
     target, draft = models["qwen2_5_vl"]
     inputs = make_inputs(target, batch_size=2, prompt_lens=[4, 7], modality="text")
     ref = target.generate(**inputs, max_new_tokens=15, do_sample=False)
-    for det in ("hidden", "attention"):
+    for det in ("hidden", "attention", "grounded"):
         out = _loose(target, draft, inputs, 15, detector=det, threshold=1e9)
         assert torch.equal(out.sequences, ref)
 
@@ -184,3 +187,48 @@ def test_attention_detector_matches_eager_attention(models):
     mass = torch.stack([att[i][0, :, L:, :L][..., vis].sum(-1).mean(0) for i in (0, 2)]).mean(0)
     torch.testing.assert_close(det.last_relevance[0], mass, atol=1e-4, rtol=1e-4)
     assert torch.equal(strict[0], mass >= 0.3)
+
+
+def test_grounded_detector_matches_eager_attention_and_logits(models, monkeypatch):
+    """Relevance of d_j = (largest attention probability on one visual key, mean over heads, max over the scored
+    layers, for the query BEFORE d_j) × exp(−entropy of the target's distribution there), from one eager forward
+    over prompt + last + drafts."""
+    _fast_attention_scoring(monkeypatch, "grounded")
+    target, _ = models["qwen2_5_vl"]
+    inputs = make_inputs(target, batch_size=1, prompt_lens=[4], seed=4)
+    last, drafts = torch.tensor([[21]]), torch.tensor([[9, 17, 33]])
+    cfg = LooseConfig(detector="grounded", visual_layers=(0, 2), threshold=0.05)
+    det = GroundedDetector(cfg, target)
+    adapter = get_adapter(target)
+    prompt = adapter.prompt(inputs["input_ids"], inputs["attention_mask"],
+                            {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")})
+    state = ModelState(target, adapter)
+    with det.prefill(padded_indices(prompt.visual_mask)):
+        state.forward(input_ids=prompt.input_ids, positions=prompt.positions, new_valid=prompt.attention_mask.bool(),
+                      **prompt.model_kwargs)
+    t_in = torch.cat([last, drafts], dim=1)  # the engine's verification input: [last, d_1 .. d_γ]
+    pos = prompt.next_pos[:, None] + torch.arange(t_in.shape[1])[None]
+    with det.verify(drafts, state):
+        logits = state.forward(input_ids=t_in, positions=adapter.decode_positions(pos),
+                               new_valid=torch.ones_like(t_in, dtype=torch.bool))
+    assert "forward" not in vars(state)  # the logits wrapper is gone
+    strict = det.strict(drafts)
+
+    seq = torch.cat([inputs["input_ids"], t_in], dim=1)
+    kw = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    kw["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(t_in)], dim=1)
+    target.set_attn_implementation({"text_config": "eager"})
+    try:
+        out = target(input_ids=seq, attention_mask=torch.ones_like(seq), output_attentions=True, **kw)
+    finally:
+        target.set_attn_implementation({"text_config": "sdpa"})
+    L = inputs["input_ids"].shape[1]
+    vis = prompt.visual_mask[0]
+    rows = slice(L, L + drafts.shape[1])  # the queries of last, d_1, d_2: they predict d_1, d_2, d_3
+    look = torch.stack([out.attentions[i][0, :, rows, :L].mean(0)[:, vis].amax(-1) for i in (0, 2)]).amax(0)
+    logp = torch.log_softmax(out.logits[0, rows].float(), dim=-1)
+    expect = look * torch.exp((logp.exp() * logp).sum(-1))
+    torch.testing.assert_close(logits[0, :3], out.logits[0, rows], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(det.last_relevance[0], expect, atol=1e-4, rtol=1e-4)
+    assert torch.equal(strict[0], expect >= 0.05)
+    assert (expect > 0).all() and (expect < 1).all()

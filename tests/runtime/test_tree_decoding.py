@@ -274,7 +274,8 @@ def test_tree_rounds_through_the_triton_kernel(models):
 _SYNC_METHODS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
 
 
-@pytest.mark.parametrize("mode", ["chain_greedy", "chain_sampling", "tree", "loose_hidden", "loose_attention"])
+@pytest.mark.parametrize("mode", ["chain_greedy", "chain_sampling", "tree", "loose_hidden", "loose_attention",
+                                  "loose_grounded"])
 def test_one_host_sync_per_round(models, monkeypatch, mode):
     """Counts the host reads of tensor values (``tolist``, ``item``, ``bool``/``int``/``float``/``index``
     conversions, ``cpu``, ``numpy``) made from vspec's own files during each decode round (from the draft step to
@@ -282,7 +283,8 @@ def test_one_host_sync_per_round(models, monkeypatch, mode):
     exactly one: ``end_round``'s read. transformers' own internal reads are not vspec's to count; syncs hidden
     inside C++ ops (boolean-mask indexing, nonzero) are not seen by this test.
     Rows finish at different rounds (EOS) and compaction runs (compact_holes=1) to cover those branches; the loose
-    modes cover both anchor detectors (the attention one calls visual_attention_mass per draft token and layer)."""
+    modes cover the anchor detectors (attention and grounded call visual_attention_mass per draft token and
+    layer)."""
     vspec_dir = os.path.dirname(vspec.__file__) + os.sep
     skip = os.path.join(vspec_dir, "kernels", "reference.py")  # the GPU never runs the reference ops
     log = []

@@ -1,7 +1,8 @@
 """Synthetic video-captioning task and a small trained Qwen2.5-VL target/draft pair shipped with vspec.
 
 See :mod:`vspec.demo.task` for the task, :mod:`vspec.demo.models` for the models and :mod:`vspec.demo.train` for
-how ``weights/`` was made (``weights/TRAINING.md`` records the run).
+how ``weights/`` was made (``weights/TRAINING.md`` records the run), :mod:`vspec.demo.video` for clips as mp4 files
+(:func:`write_clip`, :func:`read_clip`: what ``vspec generate`` does to a video) and the training augmentation.
 """
 
 from .models import load_pair, make_inputs, video_patches
@@ -18,6 +19,7 @@ from .task import (
     score,
 )
 from .tokenizer import WordTokenizer
+from .video import read_clip, write_clip
 
 __all__ = [
     "DEFAULT_PROMPT",
@@ -32,6 +34,8 @@ __all__ = [
     "make_clip",
     "make_inputs",
     "parse_caption",
+    "read_clip",
     "score",
     "video_patches",
+    "write_clip",
 ]

@@ -7,8 +7,10 @@ greedy output, and the task score (:func:`vspec.demo.task.score`, fraction of an
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -73,10 +75,19 @@ class Result:
 
 
 def workload(n_clips: int, *, batch_size: int, max_new_tokens: int, target, tokenizer, start: int = 0,
-             split: str = "test") -> Workload:
+             split: str = "test", via_mp4: bool = False) -> Workload:
     """``n_clips`` held-out clips of ``split`` ("test", or "val" for choosing settings) from index ``start``,
-    batched, with target.generate references."""
+    batched, with target.generate references. ``via_mp4``: each clip is written to an H.264 mp4 and read back as
+    ``vspec generate`` reads a video (:func:`vspec.demo.video.write_clip` / :func:`~vspec.demo.video.read_clip`)."""
     clips = [make_clip(clip_seed(split, start + i)) for i in range(n_clips)]
+    if via_mp4:
+        from .video import read_clip, write_clip
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, (frames, meta) in enumerate(clips):
+                path = Path(tmp) / f"{i}.mp4"
+                write_clip(path, frames)
+                clips[i] = (read_clip(path)[0], meta)
     batches, metas, refs = [], [], []
     for i in range(0, n_clips, batch_size):
         chunk = clips[i:i + batch_size]

@@ -39,6 +39,7 @@ __all__ = [
     "make_inputs",
     "build_batch",
     "load_pair",
+    "DRAFTS",
 ]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -216,14 +217,21 @@ def make_inputs(clips: Sequence, tokenizer: WordTokenizer, *, prompt: str | Sequ
     return build_batch(clips, tokenizer, prompt=prompt, device=device)[0]
 
 
+DRAFTS = {"skewed": "draft", "divergent": "draft_divergent"}  # setting -> draft folder
+
+
 def load_pair(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
-              weights_dir: str | Path | None = None):
-    """``(target, draft, tokenizer)`` from the shipped weights (``weights/target``, ``weights/draft``), eval mode."""
+              weights_dir: str | Path | None = None, setting: str = "skewed"):
+    """``(target, draft, tokenizer)`` from the shipped weights (``weights/target`` and the setting's draft), eval
+    mode. ``setting``: ``"skewed"`` (default: ``weights/draft``, trained on the target's own caption style) or
+    ``"divergent"`` (``weights/draft_divergent``, trained on the inverted style: it phrases fillers differently)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    if setting not in DRAFTS:
+        raise ValueError(f"setting must be one of {tuple(DRAFTS)}, got {setting!r}")
     root = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     models = []
-    for role in ("target", "draft"):
+    for role in ("target", DRAFTS[setting]):
         path = root / role
         if not (path / "model.safetensors").exists():
             raise FileNotFoundError(f"no {role} weights at {path}; train them with `python -m vspec.demo.train`")

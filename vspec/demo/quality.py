@@ -8,11 +8,23 @@ On held-out clips of the synthetic task, with the shipped target/draft pair:
 2. the anchor detectors measured against the task's known anchor vocabulary (how well relevance separates anchor
    words from fillers: ROC AUC over the draft tokens of every round);
 3. loose verification at the default prune setting: MAL, outputs identical to strict, and task score relative
-   to strict, for each detector and threshold and a few filler rules.
+   to strict, for each detector and threshold and a few filler rules, at every draft length of ``--draft-lens``;
+4. the same clips written to H.264 mp4 files and read back as ``vspec generate`` reads a video (section ``mp4``):
+   the target's task score and strict MAL.
 
-Writes ``quality.csv`` (every run), ``detectors.csv`` and ``quality.png`` to ``--out``, and prints a summary.
-With ``--sweep`` it also measures the semantic fusion's weights and per-frame floor at ``--keep-ratio``
-(``sweep.csv``); choose settings on ``--split val`` clips, report on the test clips.
+``--setting skewed`` (default) pairs the target with ``weights/draft``, trained on the target's own caption style;
+``--setting divergent`` with ``weights/draft_divergent``, trained on the inverted style (another most likely filler
+in every slot, the same anchors), as two real models phrase things differently.
+
+Thresholds: on ``--split val`` every detector runs at quantiles of its own relevance; a test run given
+``--choose-from VAL/quality.csv`` runs, per detector setting and draft length, only the threshold that had the
+highest MAL on those validation clips among those within ``--min-score-rel`` of strict's task score (else the one
+with the highest score). So the test clips never choose anything.
+
+Writes ``quality.csv`` (every run), ``detectors.csv`` (ROC AUC and cost per round of each detector) and
+``quality.png`` to ``--out``, and prints a summary. With ``--sweep`` it also measures the semantic fusion's weights
+and per-frame floor at ``--keep-ratio`` (``sweep.csv``); choose settings on ``--split val`` clips, report on the
+test clips.
 """
 
 from __future__ import annotations
@@ -31,10 +43,13 @@ from ..runtime.anchors import tracing
 from ..runtime.config import LooseConfig, PruneConfig, SpecConfig
 from ..runtime.engine import SpecDecoder
 from .evaluate import Result, run_method, workload
-from .models import VIDEO_TOKENS, load_pair
+from .models import DRAFTS, VIDEO_TOKENS, load_pair
 from .task import GRID, anchor_token_ids
 
 RATIOS = (1.0, 0.5, 0.25, 0.1, 0.05)
+QUANTILES = (0.3, 0.5, 0.6, 0.7, 0.8)  # relevance quantiles tried as thresholds on validation clips
+DETECTOR_COLOURS = {"none": "grey", "token_ids": "black", "hidden": "tab:blue", "attention": "tab:orange",
+                    "grounded": "tab:green"}
 METHODS = ("semantic", "attention", "uniform", "random")
 SWEEP_TEMPORAL = (0.0, 0.25, 0.5, 1.0, 2.0)
 SWEEP_SPATIAL = (0.0, 0.25)
@@ -85,6 +100,22 @@ def main(argv=None) -> int:
     p.add_argument("--clips", type=int, default=48, help="held-out clips (default 48)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--draft-len", type=int, default=6)
+    p.add_argument("--draft-lens", default=None,
+                   help="comma-separated draft lengths of the detector and loose sections (default: --draft-len)")
+    p.add_argument("--setting", choices=list(DRAFTS), default="skewed",
+                   help="skewed: the draft trained on the target's caption style (default); divergent: the draft "
+                        "trained on the inverted style, which phrases fillers differently")
+    p.add_argument("--choose-from", default=None,
+                   help="a validation run's quality.csv: run only the threshold it chose per detector and draft "
+                        "length (for test runs)")
+    p.add_argument("--choose-on-val", type=int, default=0, metavar="N",
+                   help="first run the detector and loose sections on N validation clips (written to OUT/val/), "
+                        "then use that run's choices as --choose-from does: one command per setting")
+    p.add_argument("--min-score-rel", type=float, default=0.998,
+                   help="with --choose-from: the task score relative to strict a threshold must keep (default 0.998)")
+    p.add_argument("--no-mp4", action="store_true", help="skip the clips-through-mp4 section")
+    p.add_argument("--no-pruning", action="store_true",
+                   help="section 1 at --prune / --keep-ratio only (no other methods or ratios, no oracle keep-set)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--prune", default="semantic", help="prune method of the loose sweep (default semantic)")
     p.add_argument("--keep-ratio", type=float, default=0.1, help="keep ratio of the loose sweep (default 0.1)")
@@ -99,13 +130,33 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.clips < 1 or args.batch_size < 1 or args.draft_len < 1 or args.max_new_tokens < 1:
         p.error("--clips, --batch-size, --draft-len and --max-new-tokens must be >= 1")
+    try:
+        gammas = [int(g) for g in args.draft_lens.split(",")] if args.draft_lens else [args.draft_len]
+    except ValueError:
+        p.error(f"--draft-lens must be comma-separated integers, got {args.draft_lens!r}")
+    if any(g < 1 for g in gammas):
+        p.error(f"--draft-lens must be >= 1, got {args.draft_lens!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.choose_on_val:
+        if args.choose_from or args.split == "val":
+            p.error("--choose-on-val runs the validation pass itself: drop --choose-from / --split val")
+        val_argv = ["--out", str(out / "val"), "--split", "val", "--clips", str(args.choose_on_val),
+                    "--batch-size", str(args.batch_size), "--draft-len", str(args.draft_len),
+                    "--draft-lens", ",".join(map(str, gammas)), "--setting", args.setting, "--prune", args.prune,
+                    "--keep-ratio", str(args.keep_ratio), "--max-new-tokens", str(args.max_new_tokens),
+                    "--threads", str(args.threads), "--no-pruning", "--no-mp4"]
+        val_argv += (["--quick"] if args.quick else []) + (["--weights", args.weights] if args.weights else [])
+        print(f"validation pass: vspec bench quality {' '.join(val_argv)}", file=sys.stderr, flush=True)
+        if main(val_argv) != 0:
+            return 1
+        args.choose_from = str(out / "val" / "quality.csv")
+    chosen = _read_choices(Path(args.choose_from), args.min_score_rel) if args.choose_from else None
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
     try:
-        target, draft, tok = load_pair(weights_dir=args.weights)
+        target, draft, tok = load_pair(weights_dir=args.weights, setting=args.setting)
     except FileNotFoundError as e:
         print(f"vspec bench quality: {e}", file=sys.stderr)
         return 2
@@ -113,7 +164,7 @@ def main(argv=None) -> int:
                   tokenizer=tok, split=args.split)
     rows: list[dict] = []
 
-    def spec(cfg):
+    def spec(cfg, draft=draft):
         dec = SpecDecoder(target, draft, cfg)
         return lambda inputs: dec.generate(**inputs, max_new_tokens=args.max_new_tokens)
 
@@ -128,6 +179,8 @@ def main(argv=None) -> int:
     # ---- 1. strict: MAL against keep ratio -------------------------------------------------------------
     ratios = (1.0, 0.25, 0.1) if args.quick else RATIOS
     methods = ("semantic", "random") if args.quick else METHODS
+    if args.no_pruning:
+        ratios, methods = (1.0, args.keep_ratio), (args.prune,)
     full_cfg = SpecConfig(draft_len=args.draft_len, prune="none", keep_ratio=1.0)
     full = run_method("strict prune=none keep=1", wl, spec(full_cfg))
     rows.append(_row("pruning", full, full_cfg, wl.clips, ref.score))
@@ -151,13 +204,15 @@ def main(argv=None) -> int:
         rows.append(_row("pruning", strict_default, cfg, wl.clips, ref.score))
     # An upper reference from the ground truth: each square's first and last token (then its others, then the
     # lowest free positions) at the same budget. Not a method: it reads the clip's metadata.
-    cfg = SpecConfig(draft_len=args.draft_len, prune="semantic", keep_ratio=args.keep_ratio)
-    with _oracle_keep_sets(wl) as fn:
-        oracle = run_method(f"strict oracle keep-set keep={args.keep_ratio:g}", wl, fn(spec(cfg)))
-    row = _row("pruning", oracle, cfg, wl.clips, ref.score)
-    row["prune"] = "oracle"
-    rows.append(row)
-    say(f"strict oracle keep-set {args.keep_ratio:g}: MAL {oracle.mal:.3f} identical {oracle.identical}/{oracle.rows}")
+    if not args.no_pruning:
+        cfg = SpecConfig(draft_len=args.draft_len, prune="semantic", keep_ratio=args.keep_ratio)
+        with _oracle_keep_sets(wl) as fn:
+            oracle = run_method(f"strict oracle keep-set keep={args.keep_ratio:g}", wl, fn(spec(cfg)))
+        row = _row("pruning", oracle, cfg, wl.clips, ref.score)
+        row["prune"] = "oracle"
+        rows.append(row)
+        say(f"strict oracle keep-set {args.keep_ratio:g}: MAL {oracle.mal:.3f} identical {oracle.identical}/"
+            f"{oracle.rows}")
 
     # ---- 1b. semantic fusion weights (optional) ---------------------------------------------------------------
     sweep_rows = []
@@ -176,59 +231,96 @@ def main(argv=None) -> int:
 
     det_rows: list[dict] = []
     if not args.no_loose:
-        # ---- 2. detectors against the known anchor vocabulary ----------------------------------------------
         anchors = torch.tensor(anchor_token_ids(tok))
-        detector_settings = [("hidden", dict(layer=-1)), ("hidden", dict(layer=1)), ("attention", {})]
+        detector_settings = [("hidden", dict(layer=1)), ("attention", {}), ("grounded", {})]
         if not args.quick:
-            detector_settings += [("hidden", dict(layer=2)), ("attention", dict(attention_layers=(0, 1, 2, 3)))]
-        thresholds: dict[tuple, list[float]] = {}
-        for det, extra in detector_settings:
-            lc = LooseConfig(detector=det, threshold=float("inf"), **extra)  # nothing strict-by-threshold: just trace
-            cfg = SpecConfig(draft_len=args.draft_len, prune=args.prune, keep_ratio=args.keep_ratio, verify="loose",
-                             loose=lc)
-            with tracing() as trace:
-                run_method("trace", wl, spec(cfg))
-            drafts = torch.cat([d.flatten() for d, _ in trace])
-            rel = torch.cat([r.flatten() for _, r in trace]).float()
-            is_anchor = torch.isin(drafts, anchors)
-            auc = _auc(rel[is_anchor], rel[~is_anchor])
-            key = (det, tuple(sorted(extra.items())))
-            qs = torch.tensor([0.2, 0.4, 0.6, 0.8])
-            thresholds[key] = [round(float(v), 4) for v in torch.quantile(rel, qs)]
-            det_rows.append({"detector": det, "setting": str(extra) or "default", "draft_tokens": rel.numel(),
-                             "anchor_share": round(float(is_anchor.float().mean()), 4), "auc": round(auc, 4),
-                             "relevance_anchor_mean": round(float(rel[is_anchor].mean()), 4),
-                             "relevance_filler_mean": round(float(rel[~is_anchor].mean()), 4),
-                             "quantiles_20_40_60_80": thresholds[key]})
-            say(f"detector {det} {extra}: AUC {auc:.3f} over {rel.numel()} draft tokens")
+            detector_settings += [("hidden", dict(layer=-1)), ("grounded", dict(visual_layers=(2, 3)))]
+        for gamma in gammas:
+            strict_cfg = SpecConfig(draft_len=gamma, prune=args.prune, keep_ratio=args.keep_ratio)
+            if gamma == args.draft_len:
+                strict_g = strict_default
+            else:
+                strict_g = run_method(f"strict prune={args.prune} keep={args.keep_ratio:g}", wl, spec(strict_cfg))
+            rows.append(_row("loose", strict_g, strict_cfg, wl.clips, strict_g.score))
+            say(f"γ={gamma} strict: MAL {strict_g.mal:.3f}")
 
-        # ---- 3. loose against strict ------------------------------------------------------------------------
-        def loose_run(label, lc):
-            cfg = SpecConfig(draft_len=args.draft_len, prune=args.prune, keep_ratio=args.keep_ratio, verify="loose",
-                             loose=lc)
-            res = run_method(label, wl, spec(cfg))
-            row = _row("loose", res, cfg, wl.clips, strict_default.score)
-            row["identical_to_strict"] = res.identical
-            rows.append(row)
-            rel = res.score / strict_default.score if strict_default.score else float("nan")
-            say(f"{label}: MAL {res.mal:.3f} ({res.mal / strict_default.mal:.2f}x strict) score {rel:.4f} of strict, "
-                f"identical to strict {res.identical}/{res.rows}")
-            return res
+            def loose_run(label, lc, gamma=gamma, strict_g=strict_g):
+                cfg = SpecConfig(draft_len=gamma, prune=args.prune, keep_ratio=args.keep_ratio, verify="loose",
+                                 loose=lc)
+                res = run_method(label, wl, spec(cfg))
+                row = _row("loose", res, cfg, wl.clips, strict_g.score)
+                row["identical_to_strict"] = res.identical
+                rows.append(row)
+                rel = res.score / strict_g.score if strict_g.score else float("nan")
+                say(f"γ={gamma} {label}: MAL {res.mal:.3f} ({res.mal / strict_g.mal:.2f}x strict) score {rel:.4f} "
+                    f"of strict, identical to strict {res.identical}/{res.rows}")
+                return res
 
-        strict_cfg = SpecConfig(draft_len=args.draft_len, prune=args.prune, keep_ratio=args.keep_ratio)
-        rows.append(_row("loose", strict_default, strict_cfg, wl.clips, strict_default.score))
-        # filler rules: with no anchors and with the oracle anchors (the best a detector can do), then every
-        # detector setting at the quantile thresholds with the default rule
-        rules = [dict()] if args.quick else [dict(), dict(top_k=5, min_prob_ratio=0.1, entropy_gate=0.0),
-                                             dict(top_k=2, min_prob_ratio=0.5, shift=0), dict(shift=0)]
-        for rule in rules:
-            loose_run(f"loose none {rule}", LooseConfig(detector="none", **rule))
-            loose_run(f"loose oracle-ids {rule}", LooseConfig(detector="token_ids",
-                                                              anchor_token_ids=tuple(anchors.tolist()), **rule))
-        for (det, extra_items), qs in thresholds.items():
-            extra = dict(extra_items)
-            for th in (qs if not args.quick else qs[1:2]):
-                loose_run(f"loose {det} {extra} th={th}", LooseConfig(detector=det, threshold=th, **extra))
+            # ---- 2. detectors against the known anchor vocabulary (nothing strict by threshold: just trace) ----
+            none_run = loose_run("loose none {}", LooseConfig(detector="none"))
+            thresholds: dict[tuple, list[float]] = {}
+            for det, extra in detector_settings:
+                lc = LooseConfig(detector=det, threshold=float("inf"), **extra)
+                cfg = SpecConfig(draft_len=gamma, prune=args.prune, keep_ratio=args.keep_ratio, verify="loose",
+                                 loose=lc)
+                with tracing() as trace:
+                    traced = run_method("trace", wl, spec(cfg))
+                drafts = torch.cat([d.flatten() for d, _ in trace])
+                rel = torch.cat([r.flatten() for _, r in trace]).float()
+                is_anchor = torch.isin(drafts, anchors)
+                auc = _auc(rel[is_anchor], rel[~is_anchor])
+                key = (det, tuple(sorted(extra.items())))
+                thresholds[key] = [round(float(v), 4) for v in torch.quantile(rel, torch.tensor(QUANTILES))]
+                # the traced run and the "none" run decode the same tokens (every token loose in both): the time
+                # difference per verification round is the detector's cost
+                cost = (traced.seconds / max(traced.rounds, 1) - none_run.seconds / max(none_run.rounds, 1)) * 1e3
+                det_rows.append({"setting": args.setting, "split": args.split, "draft_len": gamma, "detector": det,
+                                 "options": str(extra) or "default", "draft_tokens": rel.numel(),
+                                 "anchor_share": round(float(is_anchor.float().mean()), 4), "auc": round(auc, 4),
+                                 "relevance_anchor_mean": round(float(rel[is_anchor].mean()), 4),
+                                 "relevance_filler_mean": round(float(rel[~is_anchor].mean()), 4),
+                                 "quantiles": str(dict(zip(QUANTILES, thresholds[key]))),
+                                 "rounds": traced.rounds, "ms_per_round": round(traced.seconds / max(traced.rounds, 1)
+                                                                                 * 1e3, 3),
+                                 "ms_per_round_over_none": round(cost, 3)})
+                say(f"γ={gamma} detector {det} {extra}: AUC {auc:.3f} over {rel.numel()} draft tokens, "
+                    f"{cost:+.2f} ms per round over no detector")
+
+            # ---- 3. loose against strict ----------------------------------------------------------------------
+            rules = [dict()] if args.quick or gamma != gammas[0] else [
+                dict(), dict(top_k=5, min_prob_ratio=0.1, entropy_gate=0.0), dict(top_k=2, min_prob_ratio=0.5,
+                                                                                  shift=0)]
+            for rule in rules:
+                if rule:
+                    loose_run(f"loose none {rule}", LooseConfig(detector="none", **rule))
+                loose_run(f"loose oracle-ids {rule}", LooseConfig(detector="token_ids",
+                                                                  anchor_token_ids=tuple(anchors.tolist()), **rule))
+            for (det, extra_items), qs in thresholds.items():
+                extra = dict(extra_items)
+                if chosen is not None:
+                    th = chosen.get((gamma, f"loose {det} {extra}"))
+                    if th is None:
+                        say(f"γ={gamma} {det} {extra}: no validation choice in {args.choose_from}: skipped")
+                        continue
+                    qs = [th]
+                elif args.quick:
+                    qs = qs[1:2]
+                for th in qs:
+                    loose_run(f"loose {det} {extra} th={th}", LooseConfig(detector=det, threshold=th, **extra))
+
+    # ---- 4. clips read back from mp4 ---------------------------------------------------------------------
+    if not args.no_mp4:
+        wl_mp4 = workload(args.clips, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, target=target,
+                          tokenizer=tok, split=args.split, via_mp4=True)
+        ref_mp4 = run_method("target.generate (mp4)", wl_mp4, lambda inputs: target.generate(
+            **inputs, max_new_tokens=args.max_new_tokens, do_sample=False))
+        rows.append(_row("mp4", ref_mp4, None, wl_mp4.clips, ref.score))
+        say(f"mp4: target.generate score {ref_mp4.score:.4f} (in memory {ref.score:.4f})")
+        for prune, keep in (("none", 1.0), (args.prune, args.keep_ratio)):
+            cfg = SpecConfig(draft_len=args.draft_len, prune=prune, keep_ratio=keep)
+            res = run_method(f"strict prune={prune} keep={keep:g} (mp4)", wl_mp4, spec(cfg))
+            rows.append(_row("mp4", res, cfg, wl_mp4.clips, ref.score))
+            say(f"mp4: strict {prune} {keep:g}: MAL {res.mal:.3f} identical {res.identical}/{res.rows}")
 
     # ---- write ------------------------------------------------------------------------------------------
     fields = FIELDS + ["identical_to_strict"]
@@ -238,6 +330,7 @@ def main(argv=None) -> int:
         for r in rows:
             w.writerow({k: r.get(k, "") for k in fields})
     if det_rows:
+        _summary([r for r in rows if r["section"] == "loose"], det_rows)
         with open(out / "detectors.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(det_rows[0]))
             w.writeheader()
@@ -252,8 +345,8 @@ def main(argv=None) -> int:
               f"(1, {best['w_temporal']:g}, {best['w_spatial']:g}) floor {best['per_frame_floor']} "
               f"norm {best['score_norm']}: "
               f"MAL {best['mal']:.3f}; wrote {out / 'sweep.csv'}")
-    plotted = _plot(out / "quality.png", mal, [r for r in rows if r["section"] == "loose"], strict_default)
-    print(f"\nheld-out {args.split} clips: {wl.clips}; draft_len {args.draft_len}; "
+    plotted = _plot(out / "quality.png", mal, [r for r in rows if r["section"] == "loose"])
+    print(f"\nsetting {args.setting}; held-out {args.split} clips: {wl.clips}; draft_len {args.draft_len}; "
           f"max_new_tokens {args.max_new_tokens}; target task score {ref.score:.4f}")
     print("MAL (strict) by keep ratio:")
     print("  method      " + " ".join(f"{r:>6g}" for r in sorted(mal[methods[0]], reverse=True)))
@@ -263,6 +356,49 @@ def main(argv=None) -> int:
                + ["quality.png"] * plotted)
     print(f"wrote {', '.join(written)} to {out} ({time.perf_counter() - t_start:.0f} s)")
     return 0
+
+
+def _read_choices(path: Path, min_score_rel: float) -> dict:
+    """``{(draft_len, "loose DET {options}"): threshold}`` from a validation run's quality.csv: per detector setting
+    and draft length, the threshold with the highest MAL among rows whose task score relative to strict is at least
+    ``min_score_rel`` (if none is, the row with the highest relative score)."""
+    if not path.is_file():
+        raise SystemExit(f"vspec bench quality: --choose-from {path}: no such file")
+    groups: dict[tuple, list[dict]] = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            if r["section"] != "loose" or r["detector"] not in ("hidden", "attention", "grounded") or " th=" not in r[
+                    "label"]:
+                continue
+            groups.setdefault((int(r["draft_len"]), r["label"].rsplit(" th=", 1)[0]), []).append(r)
+    def rel(r):  # empty when strict's score was 0
+        return float(r["score_rel_strict"]) if r["score_rel_strict"] else float("-inf")
+
+    out = {}
+    for key, rs in groups.items():
+        ok = [r for r in rs if rel(r) >= min_score_rel]
+        best = max(ok, key=lambda r: float(r["mal"])) if ok else max(rs, key=rel)
+        out[key] = float(best["threshold"])
+    return out
+
+
+def _summary(loose_rows: list[dict], det_rows: list[dict]) -> None:
+    """Per draft length: strict MAL, then for each loose run MAL (× strict), score relative to strict, identical
+    fraction; then each detector's AUC."""
+    for gamma in sorted({r["draft_len"] for r in loose_rows}):
+        rs = [r for r in loose_rows if r["draft_len"] == gamma]
+        strict = next(r for r in rs if r["verify"] == "strict")
+        print(f"γ = {gamma}: strict MAL {strict['mal']:.3f}")
+        for r in rs:
+            if r["verify"] != "loose":
+                continue
+            rel = r["score_rel_strict"]
+            print(f"  {r['label']:<58} MAL {r['mal']:.3f} ({r['mal'] / strict['mal']:.2f}x)  score "
+                  f"{rel if rel == '' else f'{rel:.4f}'} of strict  identical {r['identical'] / r['clips']:.3f}")
+        for d in det_rows:
+            if d["draft_len"] == gamma:
+                print(f"  AUC {d['detector']} {d['options']}: {d['auc']:.3f} ({d['ms_per_round_over_none']:+.2f} ms "
+                      "per round over no detector)")
 
 
 @contextlib.contextmanager
@@ -300,7 +436,7 @@ def _oracle_keep_sets(wl):
         pruning.select_keep = original
 
 
-def _plot(path: Path, mal: dict, loose_rows: list[dict], strict: Result) -> bool:
+def _plot(path: Path, mal: dict, loose_rows: list[dict]) -> bool:
     try:
         import matplotlib
 
@@ -319,15 +455,18 @@ def _plot(path: Path, mal: dict, loose_rows: list[dict], strict: Result) -> bool
     a.set_title("Acceptance against visual pruning")
     a.legend()
     a.grid(alpha=0.3)
+    strict_mal = {r["draft_len"]: r["mal"] for r in loose_rows if r["verify"] == "strict"}
+    markers = dict(zip(sorted(strict_mal), "os^Dv"))
     for r in loose_rows:
         if r["verify"] != "loose":
             continue
-        b.scatter(r["mal"] / strict.mal, r["score_rel_strict"], s=14,
-                  c={"none": "grey", "token_ids": "black", "hidden": "tab:blue", "attention": "tab:orange"}
-                  [r["detector"]])
+        b.scatter(r["mal"] / strict_mal[r["draft_len"]], r["score_rel_strict"], s=16,
+                  c=DETECTOR_COLOURS[r["detector"]], marker=markers.get(r["draft_len"], "o"))
     b.scatter([1.0], [1.0], marker="*", s=120, c="red", label="strict")
-    for det, c in (("none", "grey"), ("token_ids", "black"), ("hidden", "tab:blue"), ("attention", "tab:orange")):
+    for det, c in DETECTOR_COLOURS.items():
         b.scatter([], [], c=c, s=14, label=det)
+    for gamma, m in markers.items():
+        b.scatter([], [], c="white", edgecolors="k", marker=m, s=16, label=f"γ = {gamma}")
     b.axhline(0.998, ls="--", c="red", lw=0.8)
     b.set_xlabel("MAL relative to strict")
     b.set_ylabel("task score relative to strict")

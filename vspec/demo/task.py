@@ -47,6 +47,7 @@ __all__ = [
     "VAL_SEEDS",
     "WORDS",
     "DEFAULT_PROMPT",
+    "CAPTION_STYLES",
     "ObjectTrack",
     "ClipMeta",
     "clip_seed",
@@ -104,6 +105,14 @@ _FILLERS = {
     "then": (((), 0.6), (("then",), 0.4)),
     "verb": ((("moves",), 0.5), (("goes",), 0.3), (("travels",), 0.2)),
 }
+# Caption styles: "skewed" is the task's own (the target's); "inverted" is an equally valid style with every slot's
+# weights reversed, so its most likely filler differs from the skewed style's in every slot (the divergent draft's).
+_STYLES = {
+    "skewed": _FILLERS,
+    "inverted": {slot: tuple(zip([w for w, _ in options], [p for _, p in options][::-1]))
+                 for slot, options in _FILLERS.items()},
+}
+CAPTION_STYLES = tuple(_STYLES)
 
 _COUNT_WORDS = ("1", "2", "3")
 _ANCHOR_WORDS = frozenset(
@@ -211,46 +220,62 @@ def make_clip(seed: int) -> tuple[torch.Tensor, ClipMeta]:
     return render(meta), meta
 
 
-def _pick(rng: random.Random, slot: str) -> tuple[str, ...]:
-    options = _FILLERS[slot]
+def _fillers(style: str) -> dict:
+    if style not in _STYLES:
+        raise ValueError(f"style must be one of {CAPTION_STYLES}, got {style!r}")
+    return _STYLES[style]
+
+
+def _pick(rng: random.Random, slot: str, style: str = "skewed") -> tuple[str, ...]:
+    options = _fillers(style)[slot]
     return rng.choices([w for w, _ in options], weights=[p for _, p in options])[0]
 
 
-def _motion_words(rng: random.Random, motion: str) -> tuple[str, ...]:
+def _motion_words(rng: random.Random, motion: str, style: str = "skewed") -> tuple[str, ...]:
     if motion in _STEP:
-        return (*_pick(rng, "verb"), motion)
+        return (*_pick(rng, "verb", style), motion)
     return (motion,)
 
 
-def caption(meta: ClipMeta, rng: random.Random) -> str:
-    """A caption of ``meta`` with fillers drawn from ``rng`` (anchors are fixed by ``meta``)."""
+def caption(meta: ClipMeta, rng: random.Random, *, style: str = "skewed") -> str:
+    """A caption of ``meta`` with fillers drawn from ``rng`` (anchors are fixed by ``meta``).
+
+    ``style``: the filler weights, ``"skewed"`` (the task's, default) or ``"inverted"`` (every slot's weights
+    reversed: the same words and anchors, another most likely phrasing).
+    """
     n = meta.count
-    words = [*_pick(rng, "intro"), _COUNT_WORDS[n - 1], "object" if n == 1 else "objects", "."]
+    words = [*_pick(rng, "intro", style), _COUNT_WORDS[n - 1], "object" if n == 1 else "objects", "."]
     for obj in meta.objects:
-        words += [*_pick(rng, "article"), obj.colour, *_pick(rng, "noun"), *_pick(rng, "prep"), "the",
-                  *obj.position.split(), *_pick(rng, "then"), *_motion_words(rng, obj.motion), "."]
+        words += [*_pick(rng, "article", style), obj.colour, *_pick(rng, "noun", style), *_pick(rng, "prep", style),
+                  "the", *obj.position.split(), *_pick(rng, "then", style), *_motion_words(rng, obj.motion, style),
+                  "."]
     return " ".join(words)
 
 
-def canonical_caption(meta: ClipMeta) -> str:
-    """The caption a token-by-token greedy decoder of the true caption distribution says.
+def canonical_caption(meta: ClipMeta, *, style: str = "skewed") -> str:
+    """The caption a token-by-token greedy decoder of the true caption distribution of ``style`` says.
 
-    Every filler is at its most likely synonym, except that ``then`` (0.4) is said before a move: there the
-    alternatives split the remaining 0.6 over ``moves`` / ``goes`` / ``travels``; before ``stays``, ``appears`` or
-    ``vanishes`` the motion word itself (0.6) wins.
+    Every filler is at its most likely synonym, except the optional ``then``: it is said when its weight beats
+    the first word of what follows without it. In the skewed style ``then`` (0.4) is said before a move (the verbs
+    split the remaining 0.6 over ``moves`` / ``goes`` / ``travels``) and not before ``stays``, ``appears`` or
+    ``vanishes`` (0.6); in the inverted style (0.6) it is said before every motion.
     """
 
     class _Mode(random.Random):
         def choices(self, population, weights=None, **kw):
             return [population[max(range(len(population)), key=lambda i: weights[i])]]
 
+    fillers = _fillers(style)
+    p_then = sum(p for w, p in fillers["then"] if w)
+    p_verb = max(p for _, p in fillers["verb"])
     n = meta.count
     mode = _Mode()
-    words = [*_pick(mode, "intro"), _COUNT_WORDS[n - 1], "object" if n == 1 else "objects", "."]
+    words = [*_pick(mode, "intro", style), _COUNT_WORDS[n - 1], "object" if n == 1 else "objects", "."]
     for obj in meta.objects:
-        then = ("then",) if obj.motion in _STEP else ()
-        words += [*_pick(mode, "article"), obj.colour, *_pick(mode, "noun"), *_pick(mode, "prep"), "the",
-                  *obj.position.split(), *then, *_motion_words(mode, obj.motion), "."]
+        first = (1 - p_then) * (p_verb if obj.motion in _STEP else 1.0)
+        then = ("then",) if p_then > first else ()
+        words += [*_pick(mode, "article", style), obj.colour, *_pick(mode, "noun", style), *_pick(mode, "prep", style),
+                  "the", *obj.position.split(), *then, *_motion_words(mode, obj.motion, style), "."]
     return " ".join(words)
 
 

@@ -1,20 +1,27 @@
-"""Train the demo target and draft: ``python -m vspec.demo.train --out DIR``.
+"""Train the demo target and drafts: ``python -m vspec.demo.train --out DIR``.
 
 1. The target learns to caption training clips (cross-entropy on caption words, fillers sampled afresh for every
-   clip). 2. Drafts start from a copy of the target's vision tower (blocks frozen, a new last merger layer) and a
+   clip). By default (``--augment``) every clip first goes through :func:`vspec.demo.video.augment`, what real video
+   files do to frames (H.264 and JPEG round trips, brightness / colour jitter, resampling; seeded per clip), so the
+   models read mp4 files as well as rendered frames. 2. Drafts start from a copy of the target's vision tower
+   (blocks frozen, a new last merger layer) and a
    new small text model, trained with cross-entropy on the captions (``--draft-loss ce``, default; ``kd`` distils
    the target's next-token distribution, ``both`` trains one of each and keeps the one whose greedy choice agrees
    more often with the target's). By default the draft trains on PRUNED views (``--draft-prune-aug``): most rows
    hide all but 3–24 visual tokens from attention, keeping original positions, as SpecDecoder's pruned prefill
    does; without it the draft was fine with the whole video but lost acceptance when shown only the tokens a good
-   scorer keeps (weights/TRAINING.md has the figures). 3. Held-out evaluation:
-   target captions (greedy) scored with :func:`vspec.demo.task.score`, and draft/target agreement. The figures go to
-   stdout and to ``DIR/TRAINING.md``; weights to ``DIR/target`` and ``DIR/draft`` (``save_pretrained``).
+   scorer keeps (weights/TRAINING.md has the figures). With ``--divergent-draft`` (default) a second draft is
+   trained the same way on captions of the ``inverted`` style (another most likely filler in every slot): the
+   divergent setting of ``bench quality``. 3. Held-out evaluation:
+   target captions (greedy) scored with :func:`vspec.demo.task.score`, in memory and through mp4 files, and
+   draft/target agreement. The figures go to stdout and to ``DIR/TRAINING.md``; weights to ``DIR/target``,
+   ``DIR/draft`` and ``DIR/draft_divergent`` (``save_pretrained``).
 
-Everything is seeded (clip order, filler choices, initialisation); ``torch.set_num_threads`` is set from
-``--threads`` (1 by default, as in the recorded run), and results can differ with another thread count. With the
-defaults (3000 target steps, 2000 draft steps, 1 thread) the run reproduces the shipped ``model.safetensors`` files
-byte for byte on the CPU (about 27 minutes on 2 shared cores; weights/TRAINING.md).
+Everything is seeded (clip order, filler choices, augmentation, initialisation; x264 runs on 1 thread);
+``torch.set_num_threads`` is set from ``--threads`` (1 by default, as in the recorded run), and results can differ
+with another thread count. With the defaults (3000 target steps, 2000 steps per draft, 1 thread) the run makes the
+shipped ``model.safetensors`` files on the CPU (54 minutes on 2 cores shared with other jobs; weights/TRAINING.md
+says what was checked of its byte-for-byte reproduction).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import math
 import platform
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +42,7 @@ from ..testing import VIDEO_ID
 from .models import WEIGHTS_DIR, build_batch, make_inputs, new_draft, new_target
 from .task import GRID, MOTIONS, anchor_fields, canonical_caption, caption, clip_seed, make_clip, parse_caption, score
 from .tokenizer import WordTokenizer
+from .video import augment, read_clip, write_clip
 
 
 def _lr_at(step: int, total: int, lr: float, warmup: int) -> float:
@@ -44,15 +53,20 @@ def _lr_at(step: int, total: int, lr: float, warmup: int) -> float:
     return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _train_batch(step: int, batch: int, seed: int, tok: WordTokenizer, *, with_metas: bool = False):
-    """Batch ``step`` of the training stream: clips ``step*batch ..`` of the train split, fillers from ``seed``."""
+def _train_batch(step: int, batch: int, seed: int, tok: WordTokenizer, *, with_metas: bool = False,
+                 augment_video: bool = False, style: str = "skewed"):
+    """Batch ``step`` of the training stream: clips ``step*batch ..`` of the train split, fillers from ``seed`` in
+    caption ``style``; with ``augment_video`` each clip goes through :func:`vspec.demo.video.augment` with its own
+    seeded RNG (so a batch is the same whatever ran before it)."""
     clips, caps, metas = [], [], []
     for j in range(batch):
         idx = step * batch + j
         frames, meta = make_clip(clip_seed("train", idx))
+        if augment_video:
+            frames = augment(frames, random.Random(seed * 7_000_003 + idx + 17))
         clips.append(frames)
         metas.append(meta)
-        caps.append(caption(meta, random.Random(seed * 1_000_003 + idx)))
+        caps.append(caption(meta, random.Random(seed * 1_000_003 + idx), style=style))
     inputs, labels = build_batch(clips, tok, captions=caps)
     return (inputs, labels, metas) if with_metas else (inputs, labels)
 
@@ -101,7 +115,8 @@ def _log(msg: str) -> None:
 
 
 def _fit(model, steps: int, batch: int, lr: float, seed: int, tok, *, teacher=None, loss_kind: str = "ce",
-         label: str, eval_fn=None, eval_every: int = 0, prune_aug: bool = False):
+         label: str, eval_fn=None, eval_every: int = 0, prune_aug: bool = False, augment_video: bool = False,
+         style: str = "skewed"):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, steps // 20)
@@ -112,7 +127,8 @@ def _fit(model, steps: int, batch: int, lr: float, seed: int, tok, *, teacher=No
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup)
-        inputs, labels, metas = _train_batch(step, batch, seed, tok, with_metas=True)
+        inputs, labels, metas = _train_batch(step, batch, seed, tok, with_metas=True, augment_video=augment_video,
+                                             style=style)
         view = _pruned_view(model, inputs, metas, aug_rng) if prune_aug else inputs
         logits, targets = _shifted(model(**view).logits, labels)
         if loss_kind == "ce":
@@ -220,6 +236,12 @@ def main(argv=None) -> int:
     ap.add_argument("--draft-prune-aug", action=argparse.BooleanOptionalAction, default=True,
                     help="train drafts on pruned views (visual tokens masked out, original positions), as "
                          "SpecDecoder's pruned prefill shows them (default on; the shipped draft was trained so)")
+    ap.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                    help="show target and drafts what video files do to frames (vspec.demo.video.augment: H.264 and "
+                         "JPEG round trips, jitter, resampling; default on, as the shipped pair was trained)")
+    ap.add_argument("--divergent-draft", action=argparse.BooleanOptionalAction, default=True,
+                    help="also train the divergent setting's draft (DIR/draft_divergent): the same recipe on "
+                         "captions of the 'inverted' style, whose most likely fillers differ from the target's")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-clips", type=int, default=200, help="held-out clips for the final evaluation")
     ap.add_argument("--eval-every", type=int, default=400, help="target steps between quick evaluations (0: none)")
@@ -257,7 +279,7 @@ def main(argv=None) -> int:
         n_target = sum(p.numel() for p in target.parameters())
         _log(f"target: {n_target / 1e6:.2f}M parameters; {args.steps} steps of batch {args.batch}")
         t_target = _fit(target, args.steps, args.batch, args.lr, args.seed, tok, label="target", eval_fn=quick_eval,
-                        eval_every=args.eval_every)
+                        eval_every=args.eval_every, augment_video=args.augment)
     for p in target.parameters():
         p.requires_grad_(False)
 
@@ -268,6 +290,15 @@ def main(argv=None) -> int:
     t_gen = time.perf_counter() - t0
     tfig = _caption_figures(target_ids, metas, tok)
     _log(f"target held-out: {tfig}")
+    # The same clips as H.264 mp4 files read back as `vspec generate` reads them.
+    with tempfile.TemporaryDirectory() as tmp:
+        mp4_clips = []
+        for i, frames in enumerate(clips):
+            write_clip(Path(tmp) / f"{i}.mp4", frames, threads=1)
+            mp4_clips.append(read_clip(Path(tmp) / f"{i}.mp4")[0])
+    mp4_ids = _greedy(target, mp4_clips, tok)
+    mp4_fig = _caption_figures(mp4_ids, metas, tok)
+    _log(f"target held-out through mp4: {mp4_fig}")
 
     kinds = ["ce", "kd"] if args.draft_loss == "both" else [args.draft_loss]
     drafts = {}
@@ -277,36 +308,58 @@ def main(argv=None) -> int:
         n_train = sum(p.numel() for p in draft.parameters() if p.requires_grad)
         _log(f"draft ({kind}): {n_draft / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trained; {args.draft_steps} steps")
         secs = _fit(draft, args.draft_steps, args.batch, args.draft_lr, args.seed + 1 + i, tok, teacher=target,
-                    loss_kind=kind, label=f"draft-{kind}", prune_aug=args.draft_prune_aug)
+                    loss_kind=kind, label=f"draft-{kind}", prune_aug=args.draft_prune_aug,
+                    augment_video=args.augment)
         agree = _agreement(draft, clips, target_ids, tok)
         dfig = _caption_figures(_greedy(draft, clips, tok), metas, tok)
         _log(f"draft ({kind}) held-out: token agreement with target greedy {agree:.4f}; own captions {dfig}")
         drafts[kind] = (agree, dfig, secs, draft, n_draft, n_train)
     chosen = max(drafts, key=lambda k: drafts[k][0])
     agree, dfig, _, draft, n_draft, n_train = drafts[chosen]
+    divergent = None
+    if args.divergent_draft:
+        ddraft = new_draft(target, args.seed + 11)
+        secs = _fit(ddraft, args.draft_steps, args.batch, args.draft_lr, args.seed + 11, tok, label="draft-divergent",
+                    prune_aug=args.draft_prune_aug, augment_video=args.augment, style="inverted")
+        d_agree = _agreement(ddraft, clips, target_ids, tok)
+        d_ids = _greedy(ddraft, clips, tok)
+        d_fig = _caption_figures(d_ids, metas, tok)
+        d_fig["canonical_inverted"] = sum(tok.decode(r) == canonical_caption(m, style="inverted")
+                                          for r, m in zip(d_ids, metas)) / len(metas)
+        _log(f"draft (divergent) held-out: token agreement with target greedy {d_agree:.4f}; own captions {d_fig}")
+        divergent = (d_agree, d_fig, secs, ddraft)
 
     from .. import SpecConfig, SpecDecoder
 
     spec = {}
-    for prune, keep in (("none", 1.0), ("semantic", 0.1)):
-        dec = SpecDecoder(target, draft, SpecConfig(draft_len=4, prune=prune, keep_ratio=keep))
+    runs = [("none", 1.0, draft, clips, ""), ("semantic", 0.1, draft, clips, ""),
+            ("none", 1.0, draft, mp4_clips, " (clips through mp4)")]
+    if divergent is not None:
+        runs.append(("none", 1.0, divergent[3], clips, " (divergent draft)"))
+    for prune, keep, drafter, pool, where in runs:
+        dec = SpecDecoder(target, drafter, SpecConfig(draft_len=4, prune=prune, keep_ratio=keep))
         emitted = row_rounds = same = 0
-        for i in range(0, len(clips), 50):
-            inputs = make_inputs(clips[i: i + 50], tok)
+        for i in range(0, len(pool), 50):
+            inputs = make_inputs(pool[i: i + 50], tok)
             res = dec.generate(**inputs, max_new_tokens=48)
             ref = target.generate(**inputs, max_new_tokens=48, do_sample=False)
             same += int(res.sequences.shape == ref.shape and torch.equal(res.sequences, ref))
             emitted += res.stats.emitted
             row_rounds += res.stats.row_rounds
-        spec[prune] = (emitted / row_rounds, same, math.ceil(len(clips) / 50))
-        _log(f"SpecDecoder draft_len=4 prune={prune} keep={keep}: MAL {spec[prune][0]:.3f}, "
-             f"{same}/{spec[prune][2]} batches identical to target.generate")
+        label = f"prune={prune}{' keep 0.1' if prune != 'none' else ''}{where}"
+        spec[label] = (emitted / row_rounds, same, math.ceil(len(pool) / 50))
+        _log(f"SpecDecoder draft_len=4 {label}: MAL {spec[label][0]:.3f}, "
+             f"{same}/{spec[label][2]} batches identical to target.generate")
 
     target.save_pretrained(out / "target")
     tok.save(out / "target" / "vspec_tokenizer.json")  # lets `python -m vspec generate --target DIR` find it
     draft.save_pretrained(out / "draft")
+    roles = ["target", "draft"]
+    if divergent is not None:
+        divergent[3].save_pretrained(out / "draft_divergent")
+        roles.append("draft_divergent")
     wall = time.perf_counter() - wall0
-    sizes = {r: (out / r / "model.safetensors").stat().st_size for r in ("target", "draft")}
+    sizes = {r: (out / r / "model.safetensors").stat().st_size for r in roles}
     _log(f"saved to {out}; wall time {wall / 60:.1f} min")
 
     cmd = "python -m vspec.demo.train " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -318,12 +371,16 @@ def main(argv=None) -> int:
         f"- Command: `{cmd}`",
         f"- Machine: {_machine()} (CPU shared with other jobs)",
         f"- Wall time: {wall / 60:.1f} min in all (target training {t_target / 60:.1f} min, "
-        + ", ".join(f"draft-{k} training {drafts[k][2] / 60:.1f} min" for k in kinds) + ")",
+        + ", ".join(f"draft-{k} training {drafts[k][2] / 60:.1f} min" for k in kinds)
+        + (f", draft-divergent training {divergent[2] / 60:.1f} min" if divergent is not None else "") + ")",
+        f"- Video augmentation (`vspec.demo.video.augment`): {'on' if args.augment else 'off'}",
         f"- Target: {n_target / 1e6:.2f}M parameters, {args.steps} steps × batch {args.batch}, AdamW lr {args.lr:g} "
         f"(5% warm-up, cosine to 5%); model.safetensors {sizes['target'] / 1e6:.2f} MB",
         f"- Draft: {n_draft / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained; the vision tower is the target's, "
         f"frozen, with a new last merger layer), {args.draft_steps} steps × batch {args.batch}, lr {args.draft_lr:g}; "
         f"model.safetensors {sizes['draft'] / 1e6:.2f} MB",
+        *([f"- Divergent draft (`draft_divergent/`): the draft's recipe on captions of the 'inverted' style; "
+           f"model.safetensors {sizes['draft_divergent'] / 1e6:.2f} MB"] if divergent is not None else []),
         "",
         f"## Held-out evaluation ({len(clips)} test-split clips, greedy, max 48 new tokens)",
         "",
@@ -331,7 +388,10 @@ def main(argv=None) -> int:
         "| count | colour | position | motion |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, f in [("target", tfig)] + [(f"draft ({k})", drafts[k][1]) for k in kinds]:
+    rows = [("target", tfig), ("target, clips through mp4", mp4_fig)] + [(f"draft ({k})", drafts[k][1]) for k in kinds]
+    if divergent is not None:
+        rows.append(("draft (divergent)", divergent[1]))
+    for name, f in rows:
         lines.append(f"| {name} | {f['anchor_accuracy']:.3f} | {f['all_anchors_right']:.3f} | "
                      f"{f['canonical_exact']:.3f} | {f['count_accuracy']:.3f} | {f['colour_accuracy']:.3f} | "
                      f"{f['position_accuracy']:.3f} | {f['motion_accuracy']:.3f} |")
@@ -342,7 +402,10 @@ def main(argv=None) -> int:
         "",
         "Motion right, by true motion: "
         + "; ".join(f"{name} " + ", ".join(f"{m} {a:.3f}" for m, a in f["motion_accuracy_by_kind"].items())
-                    for name, f in [("target", tfig)] + [(f"draft ({k})", drafts[k][1]) for k in kinds]),
+                    for name, f in rows),
+        "",
+        "Clips through mp4: each test clip written with `vspec.demo.video.write_clip` (H.264 yuv420p, CRF 18) and "
+        "read back with `read_clip` (as `vspec generate` reads a video).",
     ]
     lines += [
         "",
@@ -350,12 +413,14 @@ def main(argv=None) -> int:
         "argmax reproduces, teacher-forced on the target's caption with the full video:",
         "",
         *(f"- draft ({k}): {drafts[k][0]:.4f}" + (" (shipped)" if k == chosen else "") for k in kinds),
+        *([f"- draft (divergent): {divergent[0]:.4f}; its own greedy captions equal the inverted style's canonical "
+           f"caption on {divergent[1]['canonical_inverted']:.3f} of clips"] if divergent is not None else []),
         "",
         f"Target greedy generation of the {len(clips)} clips took {t_gen:.1f} s.",
         "",
         "SpecDecoder(target, shipped draft), draft_len 4, greedy, same clips in batches of 50:",
         "",
-        *(f"- prune={p}{' keep 0.1' if p != 'none' else ''}: mean accepted length {v[0]:.3f}; "
+        *(f"- {p}: mean accepted length {v[0]:.3f}; "
           f"{v[1]}/{v[2]} batches token-identical to target.generate" for p, v in spec.items()),
         "",
     ]

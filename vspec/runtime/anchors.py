@@ -4,7 +4,8 @@ A detector watches the target's prefill (to learn where and what the visual toke
 forwards (to score each draft token), and returns ``strict [B, γ]``: True where the draft token is an anchor
 and must match the target's argmax exactly. Detectors never change the target's outputs: the hidden-state
 detector reads a decoder layer's output through a forward hook, the attention detector reads q/k through the
-same registered attention wrapper that the prune scoring uses (:mod:`vspec.runtime.capture`).
+same registered attention wrapper that the prune scoring uses (:mod:`vspec.runtime.capture`); the grounded detector
+reads q/k the same way and the verification forward's logits (a wrapper around ``ModelState.forward``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def make_detector(config: LooseConfig, target, adapter):
         return HiddenStateDetector(config, target, adapter)
     if config.detector == "attention":
         return AttentionDetector(config, target)
+    if config.detector == "grounded":
+        return GroundedDetector(config, target)
     if config.detector == "token_ids":
         return TokenIdDetector(config)
     return NoAnchors()
@@ -226,3 +229,77 @@ class AttentionDetector(_Detector):
         ok = self.visual_idx >= 0
         moved = torch.gather(new_slot, 1, self.visual_idx.clamp_min(0))
         self.visual_idx = torch.where(ok, moved, -1)
+
+
+class GroundedDetector(AttentionDetector):
+    """Anchor = a word the target is sure of AND decides by looking at the video (training-free).
+
+    Relevance of draft token d_j = ``look_j · exp(−H(p_j))``:
+
+    * ``p_j``: the target's next-token distribution at the position that verifies d_j (the verification forward's
+      logits, softmax at T = 1); ``exp(−H)`` is 1 for a certain target and 1/k for k equally likely words, so a
+      filler with interchangeable synonyms (``a`` / ``one``) scores low;
+    * ``look_j``: the largest attention probability that one visual key receives (mean over heads, softmax over
+      all keys, from ``ops.visual_attention_mass``; the max over ``config.visual_layers``, None: every layer) for
+      the query that PREDICTS d_j (the token before it): a word decided by looking at one place of the video (a
+      square's colour, cell, motion) scores high, a word fixed by the text alone (``the`` after ``at``) low.
+
+    Anchor iff relevance >= ``threshold``. The hidden-state and attention detectors score the draft token's own
+    query; this one scores the decision that produced it. Costs one ``visual_attention_mass`` call per draft token
+    and scored layer, and one softmax over the vocabulary per draft token.
+    """
+
+    def __init__(self, config: LooseConfig, target):
+        super().__init__(config, target)
+        n_layers = target.config.get_text_config().num_hidden_layers
+        chosen = range(n_layers) if config.visual_layers is None else config.visual_layers
+        self.layers = frozenset(_layer_index(i, n_layers) for i in chosen)
+        self._logits: torch.Tensor | None = None
+
+    def record(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
+        """Called by the capture wrapper for every text layer of the verification forward."""
+        if layer_idx not in self.layers:
+            return
+        self._seen += 1
+        if self.visual_idx.shape[1] == 0:  # no row has visual tokens: every row is strict anyway
+            return
+        S, L, gamma = key.shape[2], query.shape[2], self._gamma
+        dev = query.device
+        visual_idx, valid = self.visual_idx.to(dev), self._state.valid.to(dev)
+        for j in range(gamma):
+            row = L - gamma - 1 + j  # the query that predicts draft token j
+            stop = S - (L - 1 - row)
+            with on_device(dev):
+                m = ops.visual_attention_mass(query[:, :, row:row + 1], key[:, :, :stop], visual_idx,
+                                              attention_mask=valid[:, :stop], normalize="all",
+                                              check_indices=False)
+            self.mass[:, j] = torch.maximum(self.mass[:, j], m.amax(dim=1).to(self.mass.device))  # m: [B, Nv]
+
+    @contextlib.contextmanager
+    def verify(self, drafts, state):
+        original = state.forward
+
+        def keep_logits(**kw):
+            self._logits = original(**kw)
+            return self._logits
+
+        state.forward = keep_logits  # instance attribute: shadows the method for this forward only
+        try:
+            with super().verify(drafts, state):
+                yield
+        finally:
+            del state.forward
+
+    def strict(self, drafts):
+        if self._seen == 0 or self._logits is None:
+            raise RuntimeError("no verification forward was scored: attention did not route through vspec's "
+                               "capture, or ModelState.forward was not called inside verify()")
+        gamma = drafts.shape[1]
+        logp = torch.log_softmax(self._logits[:, -gamma - 1:-1].float(), dim=-1).to(drafts.device)  # [B, γ, V]
+        self._logits = None
+        certainty = torch.exp((logp.exp() * logp).sum(dim=-1))  # exp(−entropy), in (0, 1]
+        rel = self.mass.to(drafts.device) * certainty
+        self.last_relevance = rel
+        _trace(drafts, rel)
+        has_visual = (self.visual_idx >= 0).any(dim=1, keepdim=True).to(drafts.device)
+        return (rel >= self.config.threshold) | ~has_visual
