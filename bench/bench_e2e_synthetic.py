@@ -427,12 +427,13 @@ def main(argv=None) -> int:
                 with torch.inference_mode(), hook.installed():
                     run = functools.partial(spec_run, dec, hook, inputs, gen_kw)
                     # warm-up (compilation, caches) with the first p only; CPU: clocked inside the timed runs
-                    warm = prob == ps[0]
+                    if prob == ps[0]:
+                        run(n_new)  # warm-up (compilation, caches), not clocked
                     hook.clock = not cuda
                     with mark.on_start_decode():
                         t_spec, t_spec_dec, out = timed_phases(lambda: run(n_new), mark, False, cuda,  # noqa: B023
-                                                               args.repeats, warmup=warm)
-                    clocked_runs = args.repeats + warm
+                                                               args.repeats, warmup=False)
+                    clocked_runs = args.repeats
                     if cuda:  # one more run, clocked (the clock syncs)
                         hook.calls.clear()
                         hook.clock = True
