@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import transformers  # noqa: E402
-from bench_e2e import git_sha, qwen25vl_config, random_model  # noqa: E402
+from bench_e2e import git_sha, qwen25vl_config, random_model, timed  # noqa: E402
 
 from vspec import SpecConfig, SpecDecoder  # noqa: E402
 from vspec.runtime.state import ModelState  # noqa: E402
@@ -213,21 +213,29 @@ class DecodeMark:
         if self.gen_on and self.t0 is None:
             self.t0 = self.now()
 
-    @contextlib.contextmanager
     def on_start_decode(self):
-        orig = RoundSteps.start_decode
-        mark = self
+        return on_start_decode(self._start)
 
-        def start_decode(*args, **kwargs):
-            if mark.t0 is None:
-                mark.t0 = mark.now()
-            return orig(*args, **kwargs)
+    def _start(self):
+        if self.t0 is None:
+            self.t0 = self.now()
 
-        RoundSteps.start_decode = start_decode
-        try:
-            yield
-        finally:
-            RoundSteps.start_decode = orig
+
+@contextlib.contextmanager
+def on_start_decode(callback):
+    """Call ``callback()`` whenever a vspec call's decode phase starts (``RoundSteps.start_decode``, after both
+    prefills), while the block runs."""
+    orig = RoundSteps.start_decode
+
+    def start_decode(*args, **kwargs):
+        callback()
+        return orig(*args, **kwargs)
+
+    RoundSteps.start_decode = start_decode
+    try:
+        yield
+    finally:
+        RoundSteps.start_decode = orig
 
 
 def timed_phases(fn, mark: DecodeMark, gen: bool, cuda: bool, repeats: int, warmup: bool = True):
@@ -244,21 +252,6 @@ def timed_phases(fn, mark: DecodeMark, gen: bool, cuda: bool, repeats: int, warm
         decodes.append(end - (mark.t0 if mark.t0 is not None else t))
     mark.reset(False)
     return statistics.median(totals), statistics.median(decodes), out
-
-
-def timed(fn, cuda: bool, repeats: int, warmup: bool = True):
-    """``(median seconds, last output)`` over ``repeats`` runs after one warm-up run (``warmup``)."""
-    out = fn() if warmup else None
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
 
 
 def spec_run(dec, hook: SyntheticAcceptance, inputs: dict, gen_kw: dict, n: int):

@@ -14,7 +14,6 @@ models make the forwards cheap, so this is where the runtime's own cost shows mo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import sys
 import time
@@ -24,12 +23,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_e2e_synthetic import on_start_decode  # noqa: E402
 
 from vspec import SpecConfig, SpecDecoder  # noqa: E402
 from vspec.demo.evaluate import workload  # noqa: E402
 from vspec.demo.models import load_pair  # noqa: E402
 from vspec.runtime.state import ModelState  # noqa: E402
-from vspec.runtime.steps import RoundSteps  # noqa: E402
 
 COLUMNS = ["config", "clips", "rounds", "mal", "round_ms", "forward_ms", "runtime_ms", "runtime_frac", "identical"]
 
@@ -140,7 +141,7 @@ def measure(name, dec, target, wl, clock, args) -> dict:
             clock.reset()
             clock.on = True
             start = []
-            with _mark_decode_start(start):
+            with on_start_decode(lambda: start.append(time.perf_counter())):  # noqa: B023
                 out = dec.generate(**batch, max_new_tokens=n)
             end = time.perf_counter()
             clock.on = False
@@ -153,22 +154,6 @@ def measure(name, dec, target, wl, clock, args) -> dict:
     return dict(config=name, clips=len(wl.batches), rounds=int(rounds), mal=round(emitted / rounds, 3),
                 round_ms=round(round_ms, 3), forward_ms=round(fwd_ms, 3), runtime_ms=round(round_ms - fwd_ms, 3),
                 runtime_frac=round((round_ms - fwd_ms) / round_ms, 3), identical=same)
-
-
-@contextlib.contextmanager
-def _mark_decode_start(stamps: list):
-    """Append the time at which the decode phase starts (``RoundSteps.start_decode``, after both prefills)."""
-    orig = RoundSteps.start_decode
-
-    def start_decode(*args, **kwargs):
-        stamps.append(time.perf_counter())
-        return orig(*args, **kwargs)
-
-    RoundSteps.start_decode = start_decode
-    try:
-        yield
-    finally:
-        RoundSteps.start_decode = orig
 
 
 if __name__ == "__main__":
