@@ -55,7 +55,6 @@ def compiled_runner(model, setting):
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             return compiled(**inputs)
 
-    run.compiled = compiled
     return run
 
 
@@ -190,8 +189,7 @@ class ModelState:
             out = self.runner(**{self._cache_kw: c}, use_cache=True, attention_mask=mask[:, None], **kwargs)
         finally:
             c.write_pos = None
-        c.set_length(start + q)
-        c.valid[:, start:start + q] = new_valid  # (set_length keeps slots below the new length)
+        c.set_length(start + q)  # (keeps the new slots' validity, written above)
         self.calls += 1
         return out.logits
 
