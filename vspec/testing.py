@@ -303,6 +303,16 @@ def visual_token_count(config, modality: str = "video", *, frames: int = 4, heig
     raise ValueError(f"unsupported model_type {mt!r}; supported: {SUPPORTED_FAMILIES}")
 
 
+def family_models(families) -> dict:
+    """Per family: ``(target, close draft, small draft)``: a tiny target, a perturbed copy of it (noise 0.1: partial
+    acceptance, rollback, per-row lengths) and the family's small random draft (:func:`tiny_pair`)."""
+    out = {}
+    for fam in families:
+        target, small = tiny_pair(fam)
+        out[fam] = (target, perturbed_copy(target, noise=0.1, seed=1), small)
+    return out
+
+
 def make_inputs(
     model_or_config,
     *,

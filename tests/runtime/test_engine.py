@@ -8,12 +8,12 @@ import torch
 from vspec import PruneConfig, SpecConfig, SpecDecoder, apply_vspec
 from vspec.testing import (
     assert_follows,
+    family_models,
     make_inputs,
     perturbed_copy,
     sample_continuations,
     target_sequence_probs,
     tiny_model,
-    tiny_pair,
 )
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision"]
@@ -22,11 +22,7 @@ FAMILIES = ["qwen2_5_vl", "llava_onevision"]
 @pytest.fixture(scope="module")
 def models():
     """Per family: the target, a close draft (perturbed copy: partial acceptance) and the small random draft."""
-    out = {}
-    for fam in FAMILIES + ["qwen2_vl"]:
-        target, small = tiny_pair(fam)
-        out[fam] = (target, perturbed_copy(target, noise=0.1, seed=1), small)
-    return out
+    return family_models(FAMILIES + ["qwen2_vl"])
 
 
 def _reference(target, inputs, **kw):

@@ -17,11 +17,11 @@ from vspec.runtime.models import get_adapter
 from vspec.runtime.state import ModelState, cache_keyword
 from vspec.testing import (
     assert_follows,
+    family_models,
     make_inputs,
     perturbed_copy,
     sample_continuations,
     target_sequence_probs,
-    tiny_pair,
 )
 
 FAMILIES = ["qwen3_5", "qwen3_5_moe"]
@@ -31,20 +31,10 @@ FAMILIES = ["qwen3_5", "qwen3_5_moe"]
 KERNEL_TESTS = {"test_identical_draft_accepts_everything"}
 
 
-@pytest.fixture(autouse=True)
-def _backend(request, monkeypatch):
-    if request.node.originalname not in KERNEL_TESTS:
-        monkeypatch.setenv("VSPEC_BACKEND", "reference")
-
-
 @pytest.fixture(scope="module")
 def models():
     """Per family: the target, a close draft (perturbed copy: partial acceptance) and the small random draft."""
-    out = {}
-    for fam in FAMILIES:
-        target, small = tiny_pair(fam)
-        out[fam] = (target, perturbed_copy(target, noise=0.1, seed=1), small)
-    return out
+    return family_models(FAMILIES)
 
 
 def _inputs(target, modality, batch, seed=0, frames=8):
