@@ -6,7 +6,8 @@
 A target is prefilled once with a prompt of ``--visual`` visual tokens and ``--text`` text tokens; then the same
 verification forward over ``γ+1`` tokens is timed without a detector, with the hidden-state detector (forward hook
 + top-N cosine against the visual hidden states), with the attention detector (``visual_attention_mass`` per
-draft token at the configured layers) and with the grounded detector (the same op per draft token at every layer,
+draft token at the configured layers) and with the grounded detector (at every layer, one ``[γ, S]`` attention
+score block per query head from one matmul with the layer's keys, a softmax and a gather of the visual columns;
 plus a softmax over the vocabulary per draft token). Each forward is undone (cache truncated) before the next, so
 every timing sees the same cache. The overhead is ``(t_detector - t_plain) / t_plain``.
 

@@ -111,9 +111,9 @@ def test_loose_rejects_sampling_and_bad_configs(models):
         LooseConfig(detector="token_ids")
     with pytest.raises(ValueError, match="visual_layers"):
         LooseConfig(detector="grounded", visual_layers=())
-    with pytest.raises(ValueError, match="layer"):
-        SpecDecoder(target, draft, SpecConfig(verify="loose", loose=LooseConfig(layer=99))).generate(
-            **inputs, max_new_tokens=4)
+    for bad in (LooseConfig(detector="hidden", layer=99), LooseConfig(detector="grounded", visual_layers=(99,))):
+        with pytest.raises(ValueError, match="layer"):
+            SpecDecoder(target, draft, SpecConfig(verify="loose", loose=bad)).generate(**inputs, max_new_tokens=4)
 
 
 def test_text_only_rows_are_strict(models, monkeypatch):
@@ -190,9 +190,9 @@ def test_attention_detector_matches_eager_attention(models):
 
 
 def test_grounded_detector_matches_eager_attention_and_logits(models, monkeypatch):
-    """Relevance of d_j = (largest attention probability on one visual key, mean over heads, max over the scored
-    layers, for the query BEFORE d_j) × exp(−entropy of the target's distribution there), from one eager forward
-    over prompt + last + drafts."""
+    """Relevance of d_j = (largest attention probability one query head puts on one visual key, max over the scored
+    layers, for the query BEFORE d_j) × (top-1 probability of the target's distribution there), from one eager
+    forward over prompt + last + drafts."""
     _fast_attention_scoring(monkeypatch, "grounded")
     target, _ = models["qwen2_5_vl"]
     inputs = make_inputs(target, batch_size=1, prompt_lens=[4], seed=4)
@@ -225,10 +225,57 @@ def test_grounded_detector_matches_eager_attention_and_logits(models, monkeypatc
     L = inputs["input_ids"].shape[1]
     vis = prompt.visual_mask[0]
     rows = slice(L, L + drafts.shape[1])  # the queries of last, d_1, d_2: they predict d_1, d_2, d_3
-    look = torch.stack([out.attentions[i][0, :, rows, :L].mean(0)[:, vis].amax(-1) for i in (0, 2)]).amax(0)
-    logp = torch.log_softmax(out.logits[0, rows].float(), dim=-1)
-    expect = look * torch.exp((logp.exp() * logp).sum(-1))
+    look = torch.stack([out.attentions[i][0, :, rows, :L][:, :, vis].amax(-1).amax(0) for i in (0, 2)]).amax(0)
+    expect = look * torch.softmax(out.logits[0, rows].float(), dim=-1).amax(-1)
     torch.testing.assert_close(logits[0, :3], out.logits[0, rows], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(det.last_relevance[0], expect, atol=1e-4, rtol=1e-4)
     assert torch.equal(strict[0], expect >= 0.05)
     assert (expect > 0).all() and (expect < 1).all()
+
+
+def _grounded_relevance(target, inputs, last, drafts, cfg):
+    det = GroundedDetector(cfg, target)
+    adapter = get_adapter(target)
+    prompt = adapter.prompt(inputs["input_ids"], inputs["attention_mask"],
+                            {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")})
+    state = ModelState(target, adapter)
+    with det.prefill(padded_indices(prompt.visual_mask)):
+        state.forward(input_ids=prompt.input_ids, positions=prompt.positions, new_valid=prompt.attention_mask.bool(),
+                      **prompt.model_kwargs)
+    t_in = torch.cat([last, drafts], dim=1)
+    pos = prompt.next_pos[:, None] + torch.arange(t_in.shape[1])[None]
+    with det.verify(drafts, state):
+        state.forward(input_ids=t_in, positions=adapter.decode_positions(pos),
+                      new_valid=torch.ones_like(t_in, dtype=torch.bool))
+    det.strict(drafts)
+    return det.last_relevance
+
+
+def _one_row(inputs: dict, b: int) -> dict:
+    """Row ``b`` of a make_inputs batch as a batch of one, its left padding removed (every row's video has the same
+    size here, so the pixel rows split evenly)."""
+    B = inputs["input_ids"].shape[0]
+    keep = inputs["attention_mask"][b].bool()
+    out = {}
+    for k, v in inputs.items():
+        if k in ("input_ids", "attention_mask", "mm_token_type_ids"):
+            out[k] = v[b:b + 1][:, keep]
+        elif k.startswith("pixel_values"):
+            out[k] = v.chunk(B)[b]
+        else:
+            out[k] = v[b:b + 1]
+    return out
+
+
+def test_grounded_detector_rows_are_independent(models, monkeypatch):
+    """Left padding and the other rows of a batch change nothing: each row of a ragged batch scores as alone."""
+    _fast_attention_scoring(monkeypatch, "grounded")
+    target, _ = models["qwen2_5_vl"]
+    cfg = LooseConfig(detector="grounded", visual_layers=None)
+    inputs = make_inputs(target, batch_size=2, prompt_lens=[3, 7], seed=9)
+    last, drafts = torch.tensor([[21], [5]]), torch.tensor([[9, 17, 33], [4, 40, 2]])
+    both = _grounded_relevance(target, inputs, last, drafts, cfg)
+    assert not torch.allclose(both[0], both[1])
+    for b in range(2):
+        alone = _grounded_relevance(target, _one_row(inputs, b), last[b:b + 1], drafts[b:b + 1], cfg)
+        torch.testing.assert_close(both[b:b + 1], alone, atol=1e-4, rtol=1e-4)

@@ -283,8 +283,8 @@ def test_one_host_sync_per_round(models, monkeypatch, mode):
     exactly one: ``end_round``'s read. transformers' own internal reads are not vspec's to count; syncs hidden
     inside C++ ops (boolean-mask indexing, nonzero) are not seen by this test.
     Rows finish at different rounds (EOS) and compaction runs (compact_holes=1) to cover those branches; the loose
-    modes cover the anchor detectors (attention and grounded call visual_attention_mass per draft token and
-    layer)."""
+    modes cover the anchor detectors (attention calls visual_attention_mass per draft token and layer, grounded
+    computes per-head score blocks and a vocabulary softmax)."""
     vspec_dir = os.path.dirname(vspec.__file__) + os.sep
     skip = os.path.join(vspec_dir, "kernels", "reference.py")  # the GPU never runs the reference ops
     log = []

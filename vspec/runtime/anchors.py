@@ -234,19 +234,23 @@ class AttentionDetector(_Detector):
 class GroundedDetector(AttentionDetector):
     """Anchor = a word the target is sure of AND decides by looking at the video (training-free).
 
-    Relevance of draft token d_j = ``look_j · exp(−H(p_j))``:
+    Relevance of draft token d_j = ``look_j · max_v p_j(v)``:
 
     * ``p_j``: the target's next-token distribution at the position that verifies d_j (the verification forward's
-      logits, softmax at T = 1); ``exp(−H)`` is 1 for a certain target and 1/k for k equally likely words, so a
-      filler with interchangeable synonyms (``a`` / ``one``) scores low;
-    * ``look_j``: the largest attention probability that one visual key receives (mean over heads, softmax over
-      all keys, from ``ops.visual_attention_mass``; the max over ``config.visual_layers``, None: every layer) for
+      logits, softmax at T = 1); its top-1 probability is 1 for a certain target and 1/k for k equally likely
+      words, so a filler with interchangeable synonyms (``a`` / ``one``) scores low;
+    * ``look_j``: the largest attention probability that one visual key receives from one query head (softmax over
+      all keys the query sees; the max over heads, visual keys and ``config.visual_layers``, None: every layer) for
       the query that PREDICTS d_j (the token before it): a word decided by looking at one place of the video (a
-      square's colour, cell, motion) scores high, a word fixed by the text alone (``the`` after ``at``) low.
+      square's colour, cell, motion) has some head fixed on that place, a word fixed by the text alone (``the``
+      after ``at``) does not.
 
     Anchor iff relevance >= ``threshold``. The hidden-state and attention detectors score the draft token's own
-    query; this one scores the decision that produced it. Costs one ``visual_attention_mass`` call per draft token
-    and scored layer, and one softmax over the vocabulary per draft token.
+    query; this one scores the decision that produced it. The max over heads is what separates: one head that
+    locates the square is diluted by the others in a head mean (demo pair, validation clips, last two layers: ROC
+    AUC 0.913 / 0.908 with the max against 0.897 / 0.894 with the mean, divergent / skewed setting). Cost per
+    scored layer: one ``[γ, S]`` score block per query head (a matmul with the layer's keys, a softmax, a gather of
+    the visual columns), and one softmax over the vocabulary per draft token.
     """
 
     def __init__(self, config: LooseConfig, target):
@@ -263,17 +267,23 @@ class GroundedDetector(AttentionDetector):
         self._seen += 1
         if self.visual_idx.shape[1] == 0:  # no row has visual tokens: every row is strict anyway
             return
-        S, L, gamma = key.shape[2], query.shape[2], self._gamma
+        B, Hq, L, D = query.shape
+        Hkv, S, gamma = key.shape[1], key.shape[2], self._gamma
         dev = query.device
         visual_idx, valid = self.visual_idx.to(dev), self._state.valid.to(dev)
-        for j in range(gamma):
-            row = L - gamma - 1 + j  # the query that predicts draft token j
-            stop = S - (L - 1 - row)
-            with on_device(dev):
-                m = ops.visual_attention_mass(query[:, :, row:row + 1], key[:, :, :stop], visual_idx,
-                                              attention_mask=valid[:, :stop], normalize="all",
-                                              check_indices=False)
-            self.mass[:, j] = torch.maximum(self.mass[:, j], m.amax(dim=1).to(self.mass.device))  # m: [B, Nv]
+        # The queries that predict d_1 .. d_γ (rows L-γ-1 .. L-2), grouped by kv head: [B, Hkv, G·γ, D].
+        q = query[:, :, L - gamma - 1: L - 1].float().reshape(B, Hkv, (Hq // Hkv) * gamma, D)
+        scores = torch.matmul(q, key.float().transpose(-1, -2)) * D ** -0.5  # [B, Hkv, G·γ, S]
+        scores = scores.view(B, Hq, gamma, S)
+        # Row j sits at key slot S-L+(L-γ-1+j) and sees the valid keys up to it (the cache holds every key).
+        last = S - gamma - 1 + torch.arange(gamma, device=dev)
+        sees = (torch.arange(S, device=dev)[None, :] <= last[:, None])[None] & valid[:, None, :S]  # [B, γ, S]
+        probs = scores.masked_fill(~sees[:, None], float("-inf")).softmax(dim=-1)
+        live = visual_idx >= 0
+        idx = visual_idx.clamp_min(0)[:, None, None, :].expand(B, Hq, gamma, -1)
+        vis = torch.gather(probs, 3, idx).masked_fill(~live[:, None, None, :], 0.0)  # [B, Hq, γ, Nv]
+        look = vis.amax(dim=3).amax(dim=1)  # [B, γ]
+        self.mass = torch.maximum(self.mass, look.to(self.mass.device))
 
     @contextlib.contextmanager
     def verify(self, drafts, state):
@@ -297,7 +307,7 @@ class GroundedDetector(AttentionDetector):
         gamma = drafts.shape[1]
         logp = torch.log_softmax(self._logits[:, -gamma - 1:-1].float(), dim=-1).to(drafts.device)  # [B, γ, V]
         self._logits = None
-        certainty = torch.exp((logp.exp() * logp).sum(dim=-1))  # exp(−entropy), in (0, 1]
+        certainty = logp.amax(dim=-1).exp()  # the target's top-1 probability, in (0, 1]
         rel = self.mass.to(drafts.device) * certainty
         self.last_relevance = rel
         _trace(drafts, rel)
