@@ -50,6 +50,8 @@ RATIOS = (1.0, 0.5, 0.25, 0.1, 0.05)
 QUANTILES = (0.3, 0.5, 0.6, 0.7, 0.8)  # relevance quantiles tried as thresholds on validation clips
 DETECTOR_COLOURS = {"none": "grey", "token_ids": "black", "hidden": "tab:blue", "attention": "tab:orange",
                     "grounded": "tab:green"}
+WIDE = dict(top_k=5, min_prob_ratio=0.1, entropy_gate=0.0)  # a filler rule loose enough to cost task score alone
+NARROW = dict(top_k=2, min_prob_ratio=0.5, shift=0)
 METHODS = ("semantic", "attention", "uniform", "random")
 SWEEP_TEMPORAL = (0.0, 0.25, 0.5, 1.0, 2.0)
 SWEEP_SPATIAL = (0.0, 0.25)
@@ -234,7 +236,7 @@ def main(argv=None) -> int:
         anchors = torch.tensor(anchor_token_ids(tok))
         detector_settings = [("hidden", dict(layer=1)), ("attention", {}), ("grounded", {})]
         if not args.quick:
-            detector_settings += [("hidden", dict(layer=-1)), ("grounded", dict(visual_layers=(2, 3)))]
+            detector_settings += [("hidden", dict(layer=-1)), ("grounded", dict(visual_layers=(-2, -1)))]
         for gamma in gammas:
             strict_cfg = SpecConfig(draft_len=gamma, prune=args.prune, keep_ratio=args.keep_ratio)
             if gamma == args.draft_len:
@@ -287,9 +289,9 @@ def main(argv=None) -> int:
                     f"{cost:+.2f} ms per round over no detector")
 
             # ---- 3. loose against strict ----------------------------------------------------------------------
-            rules = [dict()] if args.quick or gamma != gammas[0] else [
-                dict(), dict(top_k=5, min_prob_ratio=0.1, entropy_gate=0.0), dict(top_k=2, min_prob_ratio=0.5,
-                                                                                  shift=0)]
+            # The default filler rule, and at the first draft length two others; WIDE (top-5, p >= 0.1 p(argmax), no
+            # entropy gate) at every draft length: there the rule alone loses task score, so the detector has work.
+            rules = [dict(), WIDE] if args.quick or gamma != gammas[0] else [dict(), WIDE, NARROW]
             for rule in rules:
                 if rule:
                     loose_run(f"loose none {rule}", LooseConfig(detector="none", **rule))
@@ -297,16 +299,19 @@ def main(argv=None) -> int:
                                                                   anchor_token_ids=tuple(anchors.tolist()), **rule))
             for (det, extra_items), qs in thresholds.items():
                 extra = dict(extra_items)
-                if chosen is not None:
-                    th = chosen.get((gamma, f"loose {det} {extra}"))
-                    if th is None:
-                        say(f"γ={gamma} {det} {extra}: no validation choice in {args.choose_from}: skipped")
-                        continue
-                    qs = [th]
-                elif args.quick:
-                    qs = qs[1:2]
-                for th in qs:
-                    loose_run(f"loose {det} {extra} th={th}", LooseConfig(detector=det, threshold=th, **extra))
+                for rule in [dict()] + [WIDE] * (det == "grounded"):
+                    name = f"loose {det} {extra}" + (f" {rule}" if rule else "")
+                    ths = qs
+                    if chosen is not None:
+                        th = chosen.get((gamma, name))
+                        if th is None:
+                            say(f"γ={gamma} {name}: no validation choice in {args.choose_from}: skipped")
+                            continue
+                        ths = [th]
+                    elif args.quick:
+                        ths = qs[1:2]
+                    for th in ths:
+                        loose_run(f"{name} th={th}", LooseConfig(detector=det, threshold=th, **extra, **rule))
 
     # ---- 4. clips read back from mp4 ---------------------------------------------------------------------
     if not args.no_mp4:
