@@ -189,15 +189,9 @@ def test_attention_detector_matches_eager_attention(models):
     assert torch.equal(strict[0], mass >= 0.3)
 
 
-def test_grounded_detector_matches_eager_attention_and_logits(models, monkeypatch):
-    """Relevance of d_j = (largest attention probability one query head puts on one visual key, max over the scored
-    layers, for the query BEFORE d_j) × (top-1 probability of the target's distribution there), from one eager
-    forward over prompt + last + drafts."""
-    _fast_attention_scoring(monkeypatch, "grounded")
-    target, _ = models["qwen2_5_vl"]
-    inputs = make_inputs(target, batch_size=1, prompt_lens=[4], seed=4)
-    last, drafts = torch.tensor([[21]]), torch.tensor([[9, 17, 33]])
-    cfg = LooseConfig(detector="grounded", visual_layers=(0, 2), threshold=0.05)
+def _grounded_verify(target, inputs, last, drafts, cfg):
+    """A grounded detector watching a target prefill of ``inputs`` and the verification forward of ``last`` +
+    ``drafts``: ``(detector, state, prompt, verification input, logits)``; ``strict`` is left to the caller."""
     det = GroundedDetector(cfg, target)
     adapter = get_adapter(target)
     prompt = adapter.prompt(inputs["input_ids"], inputs["attention_mask"],
@@ -211,6 +205,25 @@ def test_grounded_detector_matches_eager_attention_and_logits(models, monkeypatc
     with det.verify(drafts, state):
         logits = state.forward(input_ids=t_in, positions=adapter.decode_positions(pos),
                                new_valid=torch.ones_like(t_in, dtype=torch.bool))
+    return det, state, prompt, t_in, logits
+
+
+def _grounded_relevance(target, inputs, last, drafts, cfg):
+    det = _grounded_verify(target, inputs, last, drafts, cfg)[0]
+    det.strict(drafts)
+    return det.last_relevance
+
+
+def test_grounded_detector_matches_eager_attention_and_logits(models, monkeypatch):
+    """Relevance of d_j = (largest attention probability one query head puts on one visual key, max over the scored
+    layers, for the query BEFORE d_j) × (top-1 probability of the target's distribution there), from one eager
+    forward over prompt + last + drafts."""
+    _fast_attention_scoring(monkeypatch, "grounded")
+    target, _ = models["qwen2_5_vl"]
+    inputs = make_inputs(target, batch_size=1, prompt_lens=[4], seed=4)
+    last, drafts = torch.tensor([[21]]), torch.tensor([[9, 17, 33]])
+    cfg = LooseConfig(detector="grounded", visual_layers=(0, 2), threshold=0.05)
+    det, state, prompt, t_in, logits = _grounded_verify(target, inputs, last, drafts, cfg)
     assert "forward" not in vars(state)  # the logits wrapper is gone
     strict = det.strict(drafts)
 
@@ -231,24 +244,6 @@ def test_grounded_detector_matches_eager_attention_and_logits(models, monkeypatc
     torch.testing.assert_close(det.last_relevance[0], expect, atol=1e-4, rtol=1e-4)
     assert torch.equal(strict[0], expect >= 0.05)
     assert (expect > 0).all() and (expect < 1).all()
-
-
-def _grounded_relevance(target, inputs, last, drafts, cfg):
-    det = GroundedDetector(cfg, target)
-    adapter = get_adapter(target)
-    prompt = adapter.prompt(inputs["input_ids"], inputs["attention_mask"],
-                            {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")})
-    state = ModelState(target, adapter)
-    with det.prefill(padded_indices(prompt.visual_mask)):
-        state.forward(input_ids=prompt.input_ids, positions=prompt.positions, new_valid=prompt.attention_mask.bool(),
-                      **prompt.model_kwargs)
-    t_in = torch.cat([last, drafts], dim=1)
-    pos = prompt.next_pos[:, None] + torch.arange(t_in.shape[1])[None]
-    with det.verify(drafts, state):
-        state.forward(input_ids=t_in, positions=adapter.decode_positions(pos),
-                      new_valid=torch.ones_like(t_in, dtype=torch.bool))
-    det.strict(drafts)
-    return det.last_relevance
 
 
 def _one_row(inputs: dict, b: int) -> dict:
