@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from ..ops import LOOSE_RULE_DEFAULTS
 from ..runtime.anchors import tracing
 from ..runtime.config import LooseConfig, PruneConfig, SpecConfig
 from ..runtime.engine import SpecDecoder
@@ -50,6 +51,9 @@ RATIOS = (1.0, 0.5, 0.25, 0.1, 0.05)
 QUANTILES = (0.3, 0.5, 0.6, 0.7, 0.8)  # relevance quantiles tried as thresholds on validation clips
 DETECTOR_COLOURS = {"none": "grey", "token_ids": "black", "hidden": "tab:blue", "attention": "tab:orange",
                     "grounded": "tab:green"}
+# Filler rules. A label's "{}" is the op's own default rule (ops.LOOSE_RULE_DEFAULTS: top-3, p >= 0.3, entropy gate
+# 0.3), named explicitly since LooseConfig's defaults are the wide rule chosen on validation clips.
+OP_RULE = {k: LOOSE_RULE_DEFAULTS[k] for k in ("top_k", "min_prob_ratio", "shift", "entropy_gate")}
 WIDE = dict(top_k=5, min_prob_ratio=0.1, entropy_gate=0.0)  # a filler rule loose enough to cost task score alone
 NARROW = dict(top_k=2, min_prob_ratio=0.5, shift=0)
 METHODS = ("semantic", "attention", "uniform", "random")
@@ -259,10 +263,10 @@ def main(argv=None) -> int:
                 return res
 
             # ---- 2. detectors against the known anchor vocabulary (nothing strict by threshold: just trace) ----
-            none_run = loose_run("loose none {}", LooseConfig(detector="none"))
+            none_run = loose_run("loose none {}", LooseConfig(detector="none", **OP_RULE))
             thresholds: dict[tuple, list[float]] = {}
             for det, extra in detector_settings:
-                lc = LooseConfig(detector=det, threshold=float("inf"), **extra)
+                lc = LooseConfig(detector=det, threshold=float("inf"), **extra, **OP_RULE)
                 cfg = SpecConfig(draft_len=gamma, prune=args.prune, keep_ratio=args.keep_ratio, verify="loose",
                                  loose=lc)
                 with tracing() as trace:
@@ -294,9 +298,10 @@ def main(argv=None) -> int:
             rules = [dict(), WIDE] if args.quick or gamma != gammas[0] else [dict(), WIDE, NARROW]
             for rule in rules:
                 if rule:
-                    loose_run(f"loose none {rule}", LooseConfig(detector="none", **rule))
+                    loose_run(f"loose none {rule}", LooseConfig(detector="none", **{**OP_RULE, **rule}))
                 loose_run(f"loose oracle-ids {rule}", LooseConfig(detector="token_ids",
-                                                                  anchor_token_ids=tuple(anchors.tolist()), **rule))
+                                                                  anchor_token_ids=tuple(anchors.tolist()),
+                                                                  **{**OP_RULE, **rule}))
             for (det, extra_items), qs in thresholds.items():
                 extra = dict(extra_items)
                 for rule in [dict()] + [WIDE] * (det == "grounded"):
@@ -311,7 +316,8 @@ def main(argv=None) -> int:
                     elif args.quick:
                         ths = qs[1:2]
                     for th in ths:
-                        loose_run(f"{name} th={th}", LooseConfig(detector=det, threshold=th, **extra, **rule))
+                        loose_run(f"{name} th={th}", LooseConfig(detector=det, threshold=th, **extra,
+                                                                          **{**OP_RULE, **rule}))
 
     # ---- 4. clips read back from mp4 ---------------------------------------------------------------------
     if not args.no_mp4:
