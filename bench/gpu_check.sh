@@ -9,7 +9,7 @@
 # the script exits non-zero if any failed):
 #   env       versions (torch, triton, transformers, vspec git SHA) and the device name -> env.txt
 #   tests     GPU: tests/kernels compiled for the device against the reference, and the CUDA-only tests (two
-#             streams, events); smoke: tests/kernels/test_kv.py under the interpreter
+#             streams, events); smoke: the lead0 cases of tests/kernels/test_kv.py under the interpreter (plumbing)
 #   scoring / verify / kv / gated_delta   the kernel benchmarks, CSVs into OUTDIR (those that report GB/s set it
 #             against the device's copy bandwidth measured in the same run; on the CPU: their smoke parts, no CSV)
 #   e2e       bench_e2e.py (GPU: a 7B-shaped Qwen2.5-VL target in bf16 with its draft; smoke: tiny models)
@@ -65,7 +65,7 @@ print("\n".join(lines))
 PYEOF
 
 if [ "$SMOKE" -eq 1 ]; then
-    step tests "$PY" -m pytest tests/kernels/test_kv.py -q -p no:cacheprovider
+    step tests "$PY" -m pytest tests/kernels/test_kv.py -q -p no:cacheprovider -k lead0
     step scoring "$PY" bench/bench_scoring.py --out "$OUT/scoring.csv"
     step verify "$PY" bench/bench_verify.py --quick --out "$OUT/verify.csv"
     step kv "$PY" bench/bench_kv.py --no-sweep --out "$OUT/kv.csv"

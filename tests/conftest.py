@@ -4,7 +4,8 @@
   set here, before anything imports triton.
 * Every test starts from a fixed seed.
 * On CPU torch runs on one thread: the test models are tiny, and intra-op threads only add overhead (and make
-  timings swing wildly on a shared 2-core machine). ``VSPEC_TEST_THREADS`` overrides.
+  timings swing wildly on a shared 2-core machine); so do the subprocesses tests start (``OMP_NUM_THREADS``).
+  ``VSPEC_TEST_THREADS`` overrides. The README's command runs the tests in parallel processes (pytest-xdist).
 * ``poison`` fills a fresh output buffer with NaN (floats) or −1 (integers) so unwritten elements fail.
 """
 
@@ -26,6 +27,9 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     torch.set_num_threads(int(os.environ.get("VSPEC_TEST_THREADS", "1")))
+    # The same for the subprocesses some tests start (the CLI, bench/gpu_check.sh --smoke): under pytest-xdist
+    # every worker's subprocess would otherwise take every core.
+    os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("VSPEC_TEST_THREADS", "1"))
 
 
 @pytest.fixture(autouse=True)

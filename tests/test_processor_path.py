@@ -42,7 +42,9 @@ def _in_ci() -> bool:
 
 def _cases_env():
     """(environment for the cases' subprocess, which torchvision it gets), or (None, None) when there is none."""
-    env = dict(os.environ)
+    # The cases are their own pytest run, not an xdist worker: pytest-xdist's worker variables would make them act
+    # as one (and plugins warn about it after the summary line).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
     if (PRIVATE_TORCHVISION / "torchvision").is_dir():
         env["PYTHONPATH"] = os.pathsep.join([str(SHIM), str(PRIVATE_TORCHVISION)] + (
             [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))

@@ -1,5 +1,7 @@
 """The tiny-model factory: models run generate with video input, batch 1 and batch 3 with different lengths."""
 
+import math
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from vspec.testing import (
     SUPPORTED_FAMILIES,
     VIDEO_ID,
     make_inputs,
+    pairwise,
     perturbed_copy,
     tiny_config,
     tiny_pair,
@@ -70,3 +73,18 @@ def test_ops_lists_the_contract():
                  "verify_sampling", "verify_loose", "compact_kv_"):
         assert callable(getattr(vspec.ops, name)), name
         assert name in vspec.ops.__all__
+
+
+@pytest.mark.parametrize("sizes", [(2, 5, 2), (2, 4, 3), (2, 2, 3, 2), (3, 3, 3, 3), (1, 4)])
+def test_pairwise_covers_every_pair(sizes):
+    import itertools
+
+    axes = [[f"{k}{v}" for v in range(n)] for k, n in zip("abcd", sizes)]
+    cases = pairwise(*axes)
+    assert len(set(cases)) == len(cases) and all(c in set(itertools.product(*axes)) for c in cases)
+    for i, j in itertools.combinations(range(len(axes)), 2):
+        assert {(c[i], c[j]) for c in cases} == set(itertools.product(axes[i], axes[j]))
+    if len(sizes) > 2:
+        assert len(cases) < math.prod(sizes)
+    with pytest.raises(ValueError, match="at least one value"):
+        pairwise([1, 2], [])

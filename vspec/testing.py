@@ -20,6 +20,7 @@ small H.264 mp4 with PyAV.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -46,6 +47,7 @@ __all__ = [
     "chi_square_test",
     "repeat_rows",
     "target_sequence_probs",
+    "pairwise",
     "QWEN_SPECIAL_TOKENS",
     "tiny_qwen_tokenizer",
     "tiny_qwen_processor",
@@ -696,3 +698,28 @@ def write_video(path, frames=None, *, num_frames: int = 8, fps: int = 4, height:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def pairwise(*axes: Sequence) -> list[tuple]:
+    """A covering subset of the product of ``axes``: every pair of values from any two axes appears together in at
+    least one returned case (all-pairs testing). For test grids whose full product repeats work: a bug that needs
+    one particular pair of settings still meets that pair, at a fraction of the cases (e.g. 2 × 5 × 2 -> 10, 2 × 2 ×
+    3 × 2 -> 6). Deterministic: greedy, each step takes the first case of the product, in order, that covers the
+    most pairs not yet covered."""
+    axes = [list(a) for a in axes]
+    if any(not a for a in axes):
+        raise ValueError("pairwise: every axis needs at least one value")
+    if len(axes) < 2:
+        return [tuple(c) for c in itertools.product(*axes)]
+
+    def pairs(case):
+        return {(i, case[i], j, case[j]) for i, j in itertools.combinations(range(len(case)), 2)}
+
+    product = list(itertools.product(*axes))
+    todo = set().union(*(pairs(c) for c in product))
+    chosen = []
+    while todo:
+        best = max(product, key=lambda c: len(pairs(c) & todo))  # max keeps the first of equals
+        chosen.append(best)
+        todo -= pairs(best)
+    return chosen

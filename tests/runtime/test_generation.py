@@ -27,7 +27,14 @@ from transformers.generation.logits_process import (
 
 from vspec import SpecConfig, SpecDecoder, TreeConfig, apply_vspec
 from vspec.runtime.generation import GenerationSettings, History, LogitsRules, chain_extra, tree_extra
-from vspec.testing import assert_follows, make_inputs, perturbed_copy, sample_continuations, target_sequence_probs
+from vspec.testing import (
+    assert_follows,
+    make_inputs,
+    pairwise,
+    perturbed_copy,
+    sample_continuations,
+    target_sequence_probs,
+)
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision"]
 # What Qwen2-VL / Qwen2.5-VL Instruct checkpoints ship in generation_config.json (HF_NOTES, fact 11).
@@ -176,9 +183,8 @@ SCHEDULES = {
 }
 
 
-@pytest.mark.parametrize("schedule", list(SCHEDULES))
-@pytest.mark.parametrize("batch", [1, 3], ids=["b1", "b3"])
-@pytest.mark.parametrize("family", FAMILIES)
+# every pair of settings meets in some case (vspec.testing.pairwise), not the full product
+@pytest.mark.parametrize("family,batch,schedule", pairwise(FAMILIES, [1, 3], SCHEDULES))
 def test_instruct_generation_config_equals_generate(models, family, batch, schedule):
     """The Instruct checkpoints' generation_config (sampling flags with top_k=1, repetition penalty): plain
     ``target.generate(**inputs)`` honours it, and so do SpecDecoder and the patched generate."""
@@ -207,9 +213,8 @@ EXPLICIT = {
 }
 
 
-@pytest.mark.parametrize("schedule", list(SCHEDULES))
-@pytest.mark.parametrize("option", list(EXPLICIT))
-@pytest.mark.parametrize("family", FAMILIES)
+# every pair of settings meets in some case (vspec.testing.pairwise), not the full product
+@pytest.mark.parametrize("family,option,schedule", pairwise(FAMILIES, EXPLICIT, SCHEDULES))
 def test_explicit_options_equal_generate(models, family, option, schedule):
     """Each option on its own, batch 3 with ragged prompts; the option must change ``generate``'s greedy text (so
     the equality below could fail if vspec ignored it)."""

@@ -7,7 +7,7 @@ from vspec import LooseConfig, SpecConfig, SpecDecoder
 from vspec.runtime.anchors import AttentionDetector, GroundedDetector, HiddenStateDetector
 from vspec.runtime.models import get_adapter
 from vspec.runtime.state import ModelState, padded_indices
-from vspec.testing import make_inputs, perturbed_copy, tiny_pair
+from vspec.testing import make_inputs, pairwise, perturbed_copy, tiny_pair
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision"]
 DETECTORS = ["hidden", "attention", "grounded", "none"]
@@ -36,9 +36,8 @@ def _loose(target, draft, inputs, n, gamma=4, **loose):
     return SpecDecoder(target, draft, cfg).generate(**inputs, max_new_tokens=n)
 
 
-@pytest.mark.parametrize("detector", DETECTORS)
-@pytest.mark.parametrize("batch", [1, 3], ids=["b1", "b3"])
-@pytest.mark.parametrize("family", FAMILIES)
+# every pair of settings meets in some case (vspec.testing.pairwise), not the full product
+@pytest.mark.parametrize("family,batch,detector", pairwise(FAMILIES, [1, 3], DETECTORS))
 def test_zero_tolerance_equals_strict(models, family, batch, detector, monkeypatch):
     _fast_attention_scoring(monkeypatch, detector)
     target, draft = models[family]

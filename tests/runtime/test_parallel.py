@@ -14,6 +14,7 @@ from vspec.runtime import parallel
 from vspec.testing import (
     assert_follows,
     make_inputs,
+    pairwise,
     perturbed_copy,
     sample_continuations,
     target_sequence_probs,
@@ -68,10 +69,8 @@ def _check_stats(st, mode):
     assert st.draft_ms == st.verify_ms == st.overlap_ms == 0.0  # CPU: nothing is timed
 
 
-@pytest.mark.parametrize("gamma", [1, 4])
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("batch", [1, 4], ids=["b1", "b4"])
-@pytest.mark.parametrize("family", FAMILIES)
+# every pair of settings meets in some case (vspec.testing.pairwise), not the full product
+@pytest.mark.parametrize("family,batch,mode,gamma", pairwise(FAMILIES, [1, 4], MODES, [1, 4]))
 def test_greedy_equals_generate(models, family, batch, mode, gamma):
     target, close = models[family]
     inputs = make_inputs(target, batch_size=batch, prompt_lens=[3, 7, 5, 4][:batch], seed=batch)
@@ -83,10 +82,11 @@ def test_greedy_equals_generate(models, family, batch, mode, gamma):
     assert out.stats.draft_len_used == gamma
 
 
-@pytest.mark.parametrize("mode", ["post", "pearl"])
-@pytest.mark.parametrize("prune,source", [("uniform", "target"), ("random", "target"), ("semantic", "target"),
-                                          ("attention", "draft"), ("semantic", "draft")])
-@pytest.mark.parametrize("family", FAMILIES)
+# every pair of settings meets in some case (vspec.testing.pairwise), not the full product
+@pytest.mark.parametrize("family,prune,source,mode", [
+    (family, prune, source, mode) for family, (prune, source), mode in pairwise(
+        FAMILIES, [("uniform", "target"), ("random", "target"), ("semantic", "target"), ("attention", "draft"),
+                   ("semantic", "draft")], ["post", "pearl"])])
 def test_pruned_draft_is_lossless(models, family, prune, source, mode):
     """Prefill overlap (the draft's prefill beside the target's) where the keep-set allows, serial where not."""
     target, close = models[family]
@@ -154,9 +154,8 @@ def test_always_wrong_draft_discards_every_speculation(models, family, mode):
         assert st.pre_verify_rejected == st.row_rounds and st.post_verify_rounds == 0
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("batch", [1, 3], ids=["b1", "b3"])
-@pytest.mark.parametrize("family", FAMILIES)
+# every pair of settings meets in some case (vspec.testing.pairwise), not the full product
+@pytest.mark.parametrize("family,batch,mode", pairwise(FAMILIES, [1, 3], MODES))
 def test_draft_wrong_at_chosen_positions_keeps_and_discards(models, family, batch, mode):
     """Wrong at two of every 7 logical positions, right elsewhere: some speculations are kept, some discarded,
     pre-checks both pass and fail (the second wrong position is where a pre-check lands after a rejection at the

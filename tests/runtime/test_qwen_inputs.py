@@ -11,7 +11,7 @@ import torch
 
 from vspec import SpecConfig, SpecDecoder, apply_vspec
 from vspec.runtime.models.qwen_vl import MISSING_TYPES_WARNING
-from vspec.testing import make_inputs, tiny_pair
+from vspec.testing import make_inputs, pairwise, tiny_pair
 
 FAMILIES = ["qwen2_5_vl", "qwen2_vl"]
 N_NEW = 12
@@ -28,9 +28,8 @@ def _inputs(target, modality, batch):
     return inputs, without
 
 
-@pytest.mark.parametrize("batch", [1, 3], ids=["b1", "b3"])
-@pytest.mark.parametrize("modality", ["video", "image"])
-@pytest.mark.parametrize("family", FAMILIES)
+# every pair of settings meets in some case (vspec.testing.pairwise), not the full product
+@pytest.mark.parametrize("family,modality,batch", pairwise(FAMILIES, ["video", "image"], [1, 3]))
 def test_without_types_vspec_follows_generate_and_warns(pairs, family, modality, batch):
     target, draft = pairs[family]
     with_types, without = _inputs(target, modality, batch)
