@@ -1,6 +1,6 @@
 """The demo's Qwen2.5-VL target and draft: configs, input building, and loading the shipped weights.
 
-Target: text 4 layers, hidden 128 (4 heads / 2 kv heads, MLP 384); vision tower depth 2, hidden 64. Draft: text 2
+Target: text 6 layers, hidden 128 (4 heads / 2 kv heads, MLP 384); vision tower depth 2, hidden 64. Draft: text 2
 layers, hidden 64 (2 heads / 1 kv head, MLP 192) on the same vocabulary and token ids, with a copy of the target's
 vision tower whose blocks are frozen and whose last merger projection maps to the draft's width (64). Both are stock
 ``Qwen2_5_VLForConditionalGeneration`` models; :mod:`vspec.demo.train` produces the weights in ``weights/``.
@@ -59,17 +59,17 @@ _VISION = dict(
     temporal_patch_size=TEMPORAL_PATCH, window_size=112, fullatt_block_indexes=[1], tokens_per_second=2,
 )
 _TEXT = {
-    "target": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    "target": dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=384),
     "draft": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                   intermediate_size=192),
 }
 
 
-def _config(role: str, vocab_size: int):
+def _config(role: str, vocab_size: int, **text):
     from transformers import Qwen2_5_VLConfig
 
-    t = _TEXT[role]
+    t = {**_TEXT[role], **text}
     half = t["hidden_size"] // t["num_attention_heads"] // 2
     hw = half // 4 + half // 8
     text = dict(
@@ -85,9 +85,13 @@ def _config(role: str, vocab_size: int):
     )
 
 
-def target_config(vocab_size: int | None = None):
-    """Config of the demo target (``vocab_size`` defaults to the task tokenizer's)."""
-    return _config("target", vocab_size or WordTokenizer.for_task().vocab_size)
+def target_config(vocab_size: int | None = None, **text):
+    """Config of the demo target (``vocab_size`` defaults to the task tokenizer's). ``text``: overrides of the text
+    model's shape (``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads``, ...)."""
+    unknown = set(text) - set(_TEXT["target"])
+    if unknown:
+        raise ValueError(f"unknown text-model settings {sorted(unknown)}; known: {sorted(_TEXT['target'])}")
+    return _config("target", vocab_size or WordTokenizer.for_task().vocab_size, **text)
 
 
 def draft_config(vocab_size: int | None = None):
@@ -101,12 +105,13 @@ def _set_generation_ids(model) -> None:
     model.generation_config.bos_token_id = BOS_ID
 
 
-def new_target(seed: int = 0):
-    """A freshly initialised target (transformers' default init under ``torch.manual_seed(seed)``), train mode."""
+def new_target(seed: int = 0, **text):
+    """A freshly initialised target (transformers' default init under ``torch.manual_seed(seed)``), train mode.
+    ``text``: overrides of the text model's shape, as :func:`target_config` takes them."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(copy.deepcopy(target_config()),
+    model = Qwen2_5_VLForConditionalGeneration._from_config(copy.deepcopy(target_config(**text)),
                                                             attn_implementation="sdpa", dtype=torch.float32)
     _set_generation_ids(model)
     return model

@@ -20,8 +20,8 @@
 Everything is seeded (clip order, filler choices, augmentation, initialisation; x264 runs on 1 thread);
 ``torch.set_num_threads`` is set from ``--threads`` (1 by default, as in the recorded run), and results can differ
 with another thread count. With the defaults (3000 target steps, 2000 steps per draft, 1 thread) the run makes the
-shipped ``model.safetensors`` files on the CPU (54 minutes on 2 cores shared with other jobs; weights/TRAINING.md
-says what was checked of its byte-for-byte reproduction).
+shipped ``model.safetensors`` files on the CPU, byte for byte (55–60 minutes on 2 cores shared with other jobs; a
+full repeat gave identical files: weights/TRAINING.md).
 """
 
 from __future__ import annotations
@@ -228,6 +228,9 @@ def main(argv=None) -> int:
     ap.add_argument("--draft-steps", type=int, default=2000, help="training steps of each draft")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3, help="target peak learning rate")
+    ap.add_argument("--target-layers", type=int, default=None, help="target text layers (default: models.py's)")
+    ap.add_argument("--target-heads", type=int, default=None,
+                    help="target attention heads (key/value heads: half as many; default: models.py's)")
     ap.add_argument("--draft-lr", type=float, default=3e-3)
     ap.add_argument("--draft-loss", choices=["ce", "kd", "both"], default="ce",
                     help="draft objective; 'both' trains one of each and keeps the one that agrees more")
@@ -249,8 +252,8 @@ def main(argv=None) -> int:
                     help="torch threads (default 1: on a CPU shared with other jobs, 2 spinning OpenMP threads ran "
                          "10-20x slower than 1)")
     args = ap.parse_args(argv)
-    for name in ("steps", "draft_steps", "batch", "eval_clips", "threads"):
-        if getattr(args, name) < 1:
+    for name in ("steps", "draft_steps", "batch", "eval_clips", "threads", "target_layers", "target_heads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
 
     torch.set_num_threads(args.threads)
@@ -275,7 +278,12 @@ def main(argv=None) -> int:
         _log(f"target: {n_target / 1e6:.2f}M parameters, loaded from {args.target_from} (not trained here)")
         t_target = 0.0
     else:
-        target = new_target(args.seed)
+        shape = {}
+        if args.target_layers is not None:
+            shape["num_hidden_layers"] = args.target_layers
+        if args.target_heads is not None:
+            shape.update(num_attention_heads=args.target_heads, num_key_value_heads=max(1, args.target_heads // 2))
+        target = new_target(args.seed, **shape)
         n_target = sum(p.numel() for p in target.parameters())
         _log(f"target: {n_target / 1e6:.2f}M parameters; {args.steps} steps of batch {args.batch}")
         t_target = _fit(target, args.steps, args.batch, args.lr, args.seed, tok, label="target", eval_fn=quick_eval,
