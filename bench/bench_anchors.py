@@ -8,7 +8,9 @@ verification forward over ``γ+1`` tokens is timed without a detector, with the 
 + top-N cosine against the visual hidden states), with the attention detector (``visual_attention_mass`` per
 draft token at the configured layers) and with the grounded detector (at every layer, one ``[γ, S]`` attention
 score block per query head from one matmul with the layer's keys, a softmax and a gather of the visual columns;
-plus a softmax over the vocabulary per draft token). Each forward is undone (cache truncated) before the next, so
+plus a softmax over the vocabulary per draft token) and with the attribution detector (the grounded detector's
+score blocks, then the visual values through each layer's o_proj, two final norms and the top-5 candidates'
+unembedding rows per draft token). Each forward is undone (cache truncated) before the next, so
 every timing sees the same cache. The overhead is ``(t_detector - t_plain) / t_plain``.
 
 On CUDA the target is a Qwen2.5-VL language stack with 7B text shapes (hidden 3584, 28 heads / 4 kv heads, MLP
@@ -32,7 +34,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vspec.runtime.anchors import AttentionDetector, GroundedDetector, HiddenStateDetector  # noqa: E402
+from vspec.runtime.anchors import (  # noqa: E402
+    AttentionDetector,
+    AttributionDetector,
+    GroundedDetector,
+    HiddenStateDetector,
+)
 from vspec.runtime.config import LooseConfig  # noqa: E402
 from vspec.runtime.models import get_adapter  # noqa: E402
 from vspec.runtime.state import ModelState, padded_indices  # noqa: E402
@@ -111,7 +118,9 @@ def main(argv=None) -> int:
                           LooseConfig(detector="attention",
                                       attention_layers=tuple(range(model.config.get_text_config().num_hidden_layers))),
                           model)),
-                      ("grounded-all-layers", GroundedDetector(LooseConfig(detector="grounded"), model))]:
+                      ("grounded-all-layers", GroundedDetector(LooseConfig(detector="grounded"), model)),
+                      ("attribution-all-layers", AttributionDetector(LooseConfig(detector="attribution"), model,
+                                                                     adapter))]:
         state = ModelState(model, adapter)
         vidx = padded_indices(vis)
         ctx = det.prefill(vidx) if det is not None else None

@@ -55,16 +55,17 @@ def test_bench_quality_divergent_chooses_on_val_and_reads_mp4(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     with open(tmp_path / "detectors.csv") as f:
         detectors = list(csv.DictReader(f))
-    assert {r["detector"] for r in detectors} == {"hidden", "attention", "grounded"}
+    assert {r["detector"] for r in detectors} == {"hidden", "attention", "grounded", "attribution"}
     assert all(r["setting"] == "divergent" and r["split"] == "test" for r in detectors)
-    # the test run tries one threshold per detector and filler rule (grounded: the default and the wide rule), one
-    # the validation run tried with the same rule
+    # the test run tries one threshold per detector and filler rule (grounded and attribution: the default and the
+    # wide rule), one the validation run tried with the same rule
     def key(r):
         return r["detector"], r["top_k"], r["threshold"]
     tried = {key(r) for r in val if r["verify"] == "loose" and " th=" in r["label"]}
     chosen = [r for r in rows if r["verify"] == "loose" and " th=" in r["label"]]
-    assert len(chosen) == 4 and all(key(r) in tried for r in chosen)
-    assert {r["top_k"] for r in chosen if r["detector"] == "grounded"} == {"3", "5"}
+    assert len(chosen) == 6 and all(key(r) in tried for r in chosen)
+    for det in ("grounded", "attribution"):
+        assert {r["top_k"] for r in chosen if r["detector"] == det} == {"3", "5"}
     mp4 = [r for r in rows if r["section"] == "mp4"]
     assert [r["label"] for r in mp4][0] == "target.generate (mp4)" and len(mp4) == 3
     assert all(r["identical"] == r["clips"] == "2" for r in mp4)  # strict is lossless on clips read from mp4 too

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from vspec import LooseConfig, SpecConfig, SpecDecoder
-from vspec.runtime.anchors import AttentionDetector, GroundedDetector, HiddenStateDetector
+from vspec.runtime.anchors import AttentionDetector, GroundedDetector, HiddenStateDetector, make_detector
 from vspec.runtime.models import get_adapter
 from vspec.runtime.state import ModelState, padded_indices
 from vspec.testing import make_inputs, pairwise, perturbed_copy, tiny_pair
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision"]
-DETECTORS = ["hidden", "attention", "grounded", "none"]
+DETECTORS = ["hidden", "attention", "grounded", "attribution", "none"]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def _fast_attention_scoring(monkeypatch, detector):
     interpreter that made these tests the slowest of the suite (~110 s). Its kernel equals the reference
     (tests/kernels/test_scoring.py) and the detector still runs through the kernels in
     test_tree_decoding.py::test_one_host_sync_per_round[loose_attention], so here the ops run on the reference."""
-    if detector in ("attention", "grounded"):
+    if detector in ("attention", "grounded", "attribution"):
         monkeypatch.setenv("VSPEC_BACKEND", "reference")
 
 
@@ -48,7 +48,8 @@ def test_zero_tolerance_equals_strict(models, family, batch, detector, monkeypat
     assert out.stats.loose_accepted == 0
 
 
-@pytest.mark.parametrize("detector,threshold", [("hidden", -1.0), ("attention", 0.0), ("grounded", 0.0)])
+@pytest.mark.parametrize("detector,threshold", [("hidden", -1.0), ("attention", 0.0), ("grounded", 0.0),
+                                                ("attribution", 0.0)])
 def test_every_token_an_anchor_equals_strict(models, detector, threshold, monkeypatch):
     """A threshold every relevance reaches makes every draft token an anchor: the output is the target's."""
     _fast_attention_scoring(monkeypatch, detector)
@@ -110,6 +111,8 @@ def test_loose_rejects_sampling_and_bad_configs(models):
         LooseConfig(detector="token_ids")
     with pytest.raises(ValueError, match="visual_layers"):
         LooseConfig(detector="grounded", visual_layers=())
+    with pytest.raises(ValueError, match="candidates"):
+        LooseConfig(detector="attribution", candidates=1)
     for bad in (LooseConfig(detector="hidden", layer=99), LooseConfig(detector="grounded", visual_layers=(99,))):
         with pytest.raises(ValueError, match="layer"):
             SpecDecoder(target, draft, SpecConfig(verify="loose", loose=bad)).generate(**inputs, max_new_tokens=4)
@@ -120,7 +123,7 @@ def test_text_only_rows_are_strict(models, monkeypatch):
     target, draft = models["qwen2_5_vl"]
     inputs = make_inputs(target, batch_size=2, prompt_lens=[4, 7], modality="text")
     ref = target.generate(**inputs, max_new_tokens=15, do_sample=False)
-    for det in ("hidden", "attention", "grounded"):
+    for det in ("hidden", "attention", "grounded", "attribution"):
         out = _loose(target, draft, inputs, 15, detector=det, threshold=1e9)
         assert torch.equal(out.sequences, ref)
 
@@ -189,10 +192,12 @@ def test_attention_detector_matches_eager_attention(models):
 
 
 def _grounded_verify(target, inputs, last, drafts, cfg):
-    """A grounded detector watching a target prefill of ``inputs`` and the verification forward of ``last`` +
-    ``drafts``: ``(detector, state, prompt, verification input, logits)``; ``strict`` is left to the caller."""
-    det = GroundedDetector(cfg, target)
+    """A grounded (or attribution) detector watching a target prefill of ``inputs`` and the verification forward of
+    ``last`` + ``drafts``: ``(detector, state, prompt, verification input, logits)``; ``strict`` is left to the
+    caller."""
     adapter = get_adapter(target)
+    det = make_detector(cfg, target, adapter)
+    assert isinstance(det, GroundedDetector)
     prompt = adapter.prompt(inputs["input_ids"], inputs["attention_mask"],
                             {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")})
     state = ModelState(target, adapter)
@@ -261,11 +266,12 @@ def _one_row(inputs: dict, b: int) -> dict:
     return out
 
 
-def test_grounded_detector_rows_are_independent(models, monkeypatch):
+@pytest.mark.parametrize("detector", ["grounded", "attribution"])
+def test_grounded_detector_rows_are_independent(models, monkeypatch, detector):
     """Left padding and the other rows of a batch change nothing: each row of a ragged batch scores as alone."""
-    _fast_attention_scoring(monkeypatch, "grounded")
+    _fast_attention_scoring(monkeypatch, detector)
     target, _ = models["qwen2_5_vl"]
-    cfg = LooseConfig(detector="grounded", visual_layers=None)
+    cfg = LooseConfig(detector=detector, visual_layers=None)
     inputs = make_inputs(target, batch_size=2, prompt_lens=[3, 7], seed=9)
     last, drafts = torch.tensor([[21], [5]]), torch.tensor([[9, 17, 33], [4, 40, 2]])
     both = _grounded_relevance(target, inputs, last, drafts, cfg)
@@ -273,3 +279,73 @@ def test_grounded_detector_rows_are_independent(models, monkeypatch):
     for b in range(2):
         alone = _grounded_relevance(target, _one_row(inputs, b), last[b:b + 1], drafts[b:b + 1], cfg)
         torch.testing.assert_close(both[b:b + 1], alone, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen3_5"])
+def test_attribution_detector_matches_an_eager_logit_attribution(models, monkeypatch, family):
+    """Relevance of d_j: take the visual keys' share of the attention output (Σ_v p(v)·value_v per head, times the
+    output gate where the attention has one (Qwen3.5), through o_proj, summed over the scored layers) out of the
+    residual stream entering the final norm at the query before d_j; relevance = max - min over the target's
+    top-`candidates` tokens of the change in their logits. Recomputed here from one eager forward over prompt + last
+    + drafts (attention probabilities, q_proj / v_proj outputs, the final norm's input)."""
+    _fast_attention_scoring(monkeypatch, "attribution")
+    if family in models:
+        target = models[family][0]
+    else:
+        target, _ = tiny_pair(family)
+    inputs = make_inputs(target, batch_size=1, prompt_lens=[4], seed=4)
+    last, drafts = torch.tensor([[21]]), torch.tensor([[9, 17, 33]])
+    text = get_adapter(target).language_model()
+    attn_layers = [i for i, layer in enumerate(text.layers) if hasattr(layer, "self_attn")]
+    layers = {"qwen2_5_vl": (0, 2), "llava_onevision": (1,)}.get(family, tuple(attn_layers))
+    cfg = LooseConfig(detector="attribution", visual_layers=layers, candidates=4, threshold=0.05)
+    det, state, prompt, t_in, logits = _grounded_verify(target, inputs, last, drafts, cfg)
+    assert "forward" not in vars(state)
+    assert bool(det._gated) == (family == "qwen3_5")
+    strict = det.strict(drafts)
+
+    seq = torch.cat([inputs["input_ids"], t_in], dim=1)
+    kw = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    if "mm_token_type_ids" in inputs:
+        kw["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(t_in)], dim=1)
+    grabbed = {}
+    hooks = []
+    for i in layers:
+        a = text.layers[i].self_attn
+        hooks.append(a.v_proj.register_forward_hook(lambda m, x, o, i=i: grabbed.__setitem__(("v", i), o)))
+        hooks.append(a.q_proj.register_forward_hook(lambda m, x, o, i=i: grabbed.__setitem__(("q", i), o)))
+    hooks.append(text.norm.register_forward_pre_hook(lambda m, a: grabbed.__setitem__("x", a[0])))
+    target.set_attn_implementation({"text_config": "eager"})
+    try:
+        out = target(input_ids=seq, attention_mask=torch.ones_like(seq), output_attentions=True, **kw)
+    finally:
+        target.set_attn_implementation({"text_config": "sdpa"})
+        for h in hooks:
+            h.remove()
+    L = inputs["input_ids"].shape[1]
+    vis = prompt.visual_mask[0]
+    rows = slice(L, L + drafts.shape[1])  # the queries of last, d_1, d_2: they predict d_1, d_2, d_3
+    tc = target.config.get_text_config()
+    Hq, Hkv = tc.num_attention_heads, tc.num_key_value_heads
+    # a hybrid model returns attentions of its attention layers only
+    att = dict(zip(attn_layers, out.attentions)) if len(out.attentions) == len(attn_layers) else dict(
+        enumerate(out.attentions))
+    contrib = 0
+    for i in layers:
+        attn = text.layers[i].self_attn
+        D = attn.head_dim
+        p = att[i][0, :, rows][:, :, :L][:, :, vis]  # [Hq, γ, Nv]
+        v = grabbed[("v", i)][0, :L][vis].view(-1, Hkv, D).repeat_interleave(Hq // Hkv, dim=1)  # [Nv, Hq, D]
+        heads = torch.einsum("hqv,vhd->qhd", p, v)  # [γ, Hq, D]
+        if family == "qwen3_5":
+            heads = heads * torch.sigmoid(grabbed[("q", i)][0, rows].view(-1, Hq, 2 * D)[..., D:])
+        contrib = contrib + attn.o_proj(heads.reshape(heads.shape[0], -1))
+    x = grabbed["x"][0, rows]
+    cand = out.logits[0, rows].topk(4, dim=-1).indices
+    w = target.get_output_embeddings().weight
+    change = (text.norm(x) @ w.T - text.norm(x - contrib) @ w.T).gather(-1, cand)
+    expect = change.amax(-1) - change.amin(-1)
+    torch.testing.assert_close(logits[0, :3], out.logits[0, rows], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(det.last_relevance[0], expect.detach(), atol=1e-4, rtol=1e-4)
+    assert torch.equal(strict[0], expect >= 0.05)
+    assert (expect > 0).all()

@@ -320,16 +320,17 @@ def test_identical_draft_mal_for_every_gamma(models, family):
         assert st.kept_visual_tokens == st.total_visual_tokens
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_loose_zero_tolerance_equals_strict(models, family):
-    """Loose verification rolls back like the strict chain (a rejected suffix); at zero tolerance it is exact."""
+@pytest.mark.parametrize("family,detector", [*((f, "hidden") for f in FAMILIES), ("qwen3_5", "attribution")])
+def test_loose_zero_tolerance_equals_strict(models, family, detector):
+    """Loose verification rolls back like the strict chain (a rejected suffix); at zero tolerance it is exact.
+    ``attribution`` (the default detector) follows Qwen3.5's gated attention output."""
     from vspec import LooseConfig
 
     target, close, _ = models[family]
     inputs = _inputs(target, "video", 3, seed=30)
     ref = target.generate(**inputs, max_new_tokens=12, do_sample=False)
     cfg = SpecConfig(draft_len=3, prune="semantic", keep_ratio=0.25, verify="loose",
-                     loose=LooseConfig(detector="hidden", top_k=1, shift=0))
+                     loose=LooseConfig(detector=detector, top_k=1, shift=0))
     out = SpecDecoder(target, close, cfg).generate(**inputs, max_new_tokens=12)
     _assert_same(out.sequences, ref)
     assert out.stats.loose_accepted == 0

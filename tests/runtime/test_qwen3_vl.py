@@ -266,7 +266,7 @@ def test_image_and_video_in_one_row(models):
             assert out.stats.mean_accepted_length == 4
 
 
-@pytest.mark.parametrize("detector", ["hidden", "attention"])
+@pytest.mark.parametrize("detector", ["hidden", "attention", "attribution"])
 def test_loose_zero_tolerance_equals_strict(models, detector):
     target, close, _ = models["qwen3_vl"]
     for i, (modality, batch) in enumerate([("video", 3), ("image", 1)]):

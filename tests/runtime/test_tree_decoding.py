@@ -275,7 +275,7 @@ _SYNC_METHODS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index_
 
 
 @pytest.mark.parametrize("mode", ["chain_greedy", "chain_sampling", "tree", "loose_hidden", "loose_attention",
-                                  "loose_grounded"])
+                                  "loose_grounded", "loose_attribution"])
 def test_one_host_sync_per_round(models, monkeypatch, mode):
     """Counts the host reads of tensor values (``tolist``, ``item``, ``bool``/``int``/``float``/``index``
     conversions, ``cpu``, ``numpy``) made from vspec's own files during each decode round (from the draft step to
@@ -284,7 +284,8 @@ def test_one_host_sync_per_round(models, monkeypatch, mode):
     inside C++ ops (boolean-mask indexing, nonzero) are not seen by this test.
     Rows finish at different rounds (EOS) and compaction runs (compact_holes=1) to cover those branches; the loose
     modes cover the anchor detectors (attention calls visual_attention_mass per draft token and layer, grounded
-    computes per-head score blocks and a vocabulary softmax)."""
+    computes per-head score blocks and a vocabulary softmax, attribution adds the visual values through o_proj,
+    two norms and a top-k of the logits)."""
     vspec_dir = os.path.dirname(vspec.__file__) + os.sep
     skip = os.path.join(vspec_dir, "kernels", "reference.py")  # the GPU never runs the reference ops
     log = []

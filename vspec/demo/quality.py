@@ -50,7 +50,7 @@ from .task import GRID, anchor_token_ids
 RATIOS = (1.0, 0.5, 0.25, 0.1, 0.05)
 QUANTILES = (0.3, 0.5, 0.6, 0.7, 0.8)  # relevance quantiles tried as thresholds on validation clips
 DETECTOR_COLOURS = {"none": "grey", "token_ids": "black", "hidden": "tab:blue", "attention": "tab:orange",
-                    "grounded": "tab:green"}
+                    "grounded": "tab:green", "attribution": "tab:red"}
 # Filler rules. A label's "{}" is the op's own default rule (ops.LOOSE_RULE_DEFAULTS: top-3, p >= 0.3, entropy gate
 # 0.3), named explicitly since LooseConfig's defaults are the wide rule chosen on validation clips.
 OP_RULE = {k: LOOSE_RULE_DEFAULTS[k] for k in ("top_k", "min_prob_ratio", "shift", "entropy_gate")}
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
     det_rows: list[dict] = []
     if not args.no_loose:
         anchors = torch.tensor(anchor_token_ids(tok))
-        detector_settings = [("hidden", dict(layer=1)), ("attention", {}), ("grounded", {})]
+        detector_settings = [("hidden", dict(layer=1)), ("attention", {}), ("grounded", {}), ("attribution", {})]
         if not args.quick:
             detector_settings += [("hidden", dict(layer=-1)), ("grounded", dict(visual_layers=(-2, -1)))]
         for gamma in gammas:
@@ -304,7 +304,7 @@ def main(argv=None) -> int:
                                                                   **{**OP_RULE, **rule}))
             for (det, extra_items), qs in thresholds.items():
                 extra = dict(extra_items)
-                for rule in [dict()] + [WIDE] * (det == "grounded"):
+                for rule in [dict()] + [WIDE] * (det in ("grounded", "attribution")):
                     name = f"loose {det} {extra}" + (f" {rule}" if rule else "")
                     ths = qs
                     if chosen is not None:
@@ -378,8 +378,8 @@ def _read_choices(path: Path, min_score_rel: float) -> dict:
     groups: dict[tuple, list[dict]] = {}
     with open(path, newline="") as f:
         for r in csv.DictReader(f):
-            if r["section"] != "loose" or r["detector"] not in ("hidden", "attention", "grounded") or " th=" not in r[
-                    "label"]:
+            if (r["section"] != "loose" or r["detector"] not in ("hidden", "attention", "grounded", "attribution")
+                    or " th=" not in r["label"]):
                 continue
             groups.setdefault((int(r["draft_len"]), r["label"].rsplit(" th=", 1)[0]), []).append(r)
     def rel(r):  # empty when strict's score was 0

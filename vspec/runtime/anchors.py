@@ -49,6 +49,8 @@ def make_detector(config: LooseConfig, target, adapter):
         return AttentionDetector(config, target)
     if config.detector == "grounded":
         return GroundedDetector(config, target)
+    if config.detector == "attribution":
+        return AttributionDetector(config, target, adapter)
     if config.detector == "token_ids":
         return TokenIdDetector(config)
     return NoAnchors()
@@ -184,7 +186,7 @@ class AttentionDetector(_Detector):
         self.visual_idx = visual_idx
         yield
 
-    def record(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
+    def record(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, **_) -> None:
         """Called by the capture wrapper for every text layer of the verification forward."""
         if layer_idx not in self.layers:
             return
@@ -260,13 +262,19 @@ class GroundedDetector(AttentionDetector):
         self.layers = frozenset(_layer_index(i, n_layers) for i in chosen)
         self._logits: torch.Tensor | None = None
 
-    def record(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
+    def record(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, **_) -> None:
         """Called by the capture wrapper for every text layer of the verification forward."""
         if layer_idx not in self.layers:
             return
         self._seen += 1
         if self.visual_idx.shape[1] == 0:  # no row has visual tokens: every row is strict anyway
             return
+        look = self._visual_probs(query, key).amax(dim=3).amax(dim=1)  # [B, γ]
+        self.mass = torch.maximum(self.mass, look.to(self.mass.device))
+
+    def _visual_probs(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """``[B, Hq, γ, Nv]``: the attention probability each query head puts on each visual key (softmax over all
+        keys the query sees, 0 at padded visual slots), for the queries that predict d_1 .. d_γ."""
         B, Hq, L, D = query.shape
         Hkv, S, gamma = key.shape[1], key.shape[2], self._gamma
         dev = query.device
@@ -281,9 +289,7 @@ class GroundedDetector(AttentionDetector):
         probs = scores.masked_fill(~sees[:, None], float("-inf")).softmax(dim=-1)
         live = visual_idx >= 0
         idx = visual_idx.clamp_min(0)[:, None, None, :].expand(B, Hq, gamma, -1)
-        vis = torch.gather(probs, 3, idx).masked_fill(~live[:, None, None, :], 0.0)  # [B, Hq, γ, Nv]
-        look = vis.amax(dim=3).amax(dim=1)  # [B, γ]
-        self.mass = torch.maximum(self.mass, look.to(self.mass.device))
+        return torch.gather(probs, 3, idx).masked_fill(~live[:, None, None, :], 0.0)
 
     @contextlib.contextmanager
     def verify(self, drafts, state):
@@ -309,6 +315,121 @@ class GroundedDetector(AttentionDetector):
         self._logits = None
         certainty = logp.amax(dim=-1).exp()  # the target's top-1 probability, in (0, 1]
         rel = self.mass.to(drafts.device) * certainty
+        self.last_relevance = rel
+        _trace(drafts, rel)
+        has_visual = (self.visual_idx >= 0).any(dim=1, keepdim=True).to(drafts.device)
+        return (rel >= self.config.threshold) | ~has_visual
+
+
+class AttributionDetector(GroundedDetector):
+    """Anchor = a position where what the target reads from the video decides between its candidate words.
+
+    Relevance of draft token d_j, at the position that verifies it (the query before d_j):
+
+    * ``c_j``: the visual keys' direct contribution to the residual stream: for each scored layer
+      (``config.visual_layers``, None: every layer), the attention output the query draws from the visual keys alone
+      (``Σ_v p(v) · value_v`` per head, softmax over all keys it sees) through the layer's output projection, summed
+      over the layers;
+    * ``x_j``: the residual stream entering the final norm; the target's candidates there are its top
+      ``config.candidates`` tokens (by its logits);
+    * ``Δ_c = logit_c(norm(x_j)) - logit_c(norm(x_j - c_j))`` for each candidate c: how much the direct path from
+      the video moves that candidate's logit. Relevance = ``max_c Δ_c - min_c Δ_c`` (in logits): the video pushes
+      one candidate against another. The aim: a synonym pair (``a`` / ``one``) is pushed alike, and a word fixed
+      by the text (``the``, ``.``) is decided by the text keys, however hard its query looks at the video (the
+      grounded detector's failure: habitual attention to the square just described). On the demo's divergent
+      validation clips this separated anchor words from fillers at ROC AUC 0.915, against 0.830 for ``grounded``.
+
+    Anchor iff relevance >= ``threshold``. Direct path only (what later layers make of ``c_j`` is not followed).
+    A gated attention output (Qwen3.5: ``o_proj(attention · sigmoid(gate))``, the gate from ``q_proj``) is followed
+    with the gate the module computed for the same rows (read by a hook on ``q_proj``). Cost per scored layer: the
+    grounded detector's score block, one ``[γ, Nv] × [Nv, D]`` product per head and one output projection of γ
+    rows; then two norms and ``candidates`` unembedding rows per draft token.
+    """
+
+    def __init__(self, config: LooseConfig, target, adapter):
+        super().__init__(config, target)
+        text = adapter.language_model()
+        heads = target.config.get_text_config().num_attention_heads
+        self._gated: dict[int, torch.nn.Module] = {}  # layer -> q_proj whose second half per head is the gate
+        for i in self.layers:
+            attn = getattr(text.layers[i], "self_attn", None)
+            if attn is None:  # a linear-attention layer of a hybrid model: never scored (no softmax attention)
+                continue
+            out = attn.q_proj.out_features
+            if out == 2 * heads * attn.head_dim:  # Qwen3.5: o_proj(attention · sigmoid(gate))
+                self._gated[i] = attn.q_proj
+            elif out != heads * attn.head_dim:
+                raise ValueError(f"LooseConfig(detector='attribution'): layer {i} of {type(target).__name__} has an "
+                                 f"attention output this detector does not know (q_proj gives {out} features)")
+        self.norm = text.norm
+        self.unembed = target.get_output_embeddings()
+        self.contrib: torch.Tensor | None = None  # [B, γ, H] float32: the visual keys' direct contribution
+        self._x: torch.Tensor | None = None
+        self._gates: dict[int, torch.Tensor] = {}
+
+    def record(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value=None, module=None, **_) -> None:
+        if layer_idx not in self.layers:
+            return
+        self._seen += 1
+        if self.visual_idx.shape[1] == 0:
+            return
+        vis = self._visual_probs(query, key)  # [B, Hq, γ, Nv]
+        B, Hq, gamma, Nv = vis.shape
+        Hkv, D = value.shape[1], value.shape[3]
+        idx = self.visual_idx.to(value.device).clamp_min(0)[:, None, :, None].expand(B, Hkv, Nv, D)
+        v = torch.gather(value.float(), 2, idx).repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, Nv, D]
+        heads = torch.matmul(vis, v).transpose(1, 2).reshape(B, gamma, Hq * D)  # the o_proj input layout
+        if layer_idx in self._gated:  # the gate of the rows that predict d_1 .. d_γ, as the module applies it
+            L = query.shape[2]
+            gate = self._gates.pop(layer_idx).view(B, L, Hq, 2 * D)[:, L - gamma - 1: L - 1, :, D:]
+            heads = heads * torch.sigmoid(gate.float()).reshape(B, gamma, Hq * D)
+        proj = module.o_proj
+        c = proj(heads.to(proj.weight.dtype)).float()
+        self.contrib = c.to(self.contrib.device) + self.contrib
+
+    @contextlib.contextmanager
+    def verify(self, drafts, state):
+        owner = threading.get_ident()
+        self.contrib = None
+
+        def grab(_module, args):
+            if threading.get_ident() == owner:
+                self._x = args[0]
+
+        def gate_of(i):
+            def keep(_module, _args, output):
+                if threading.get_ident() == owner:
+                    self._gates[i] = output
+            return keep
+
+        with super().verify(drafts, state):
+            self.contrib = torch.zeros((*drafts.shape, self.norm.weight.shape[-1]), dtype=torch.float32,
+                                       device=drafts.device)
+            handles = [self.norm.register_forward_pre_hook(grab)]
+            handles += [q.register_forward_hook(gate_of(i)) for i, q in self._gated.items()]
+            try:
+                yield
+            finally:
+                for h in handles:
+                    h.remove()
+                self._gates.clear()
+
+    def strict(self, drafts):
+        if self._seen == 0 or self._logits is None or self._x is None:
+            raise RuntimeError("no verification forward was scored: attention did not route through vspec's "
+                               "capture, or ModelState.forward was not called inside verify()")
+        gamma = drafts.shape[1]
+        dev = self.unembed.weight.device
+        k = min(self.config.candidates, self._logits.shape[-1])
+        cand = self._logits[:, -gamma - 1:-1].topk(k, dim=-1).indices.to(dev)  # [B, γ, k]
+        x = self._x[:, -gamma - 1:-1].float().to(self.norm.weight.device)
+        c = self.contrib.to(x.device)
+        self._logits = self._x = None
+        with torch.no_grad():
+            moved = (self.norm(x) - self.norm(x - c)).float().to(dev)  # [B, γ, H]; the unembedding is linear
+        w = self.unembed.weight[cand].float()  # [B, γ, k, H]
+        delta = torch.matmul(w, moved[..., None]).squeeze(-1)  # [B, γ, k]
+        rel = (delta.amax(dim=-1) - delta.amin(dim=-1)).to(drafts.device)
         self.last_relevance = rel
         _trace(drafts, rel)
         has_visual = (self.visual_idx >= 0).any(dim=1, keepdim=True).to(drafts.device)

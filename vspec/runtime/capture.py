@@ -48,7 +48,7 @@ class ScoreCapture:
     # q/k never leave their layer's device; result() adds the partial sums up on visual_idx's device.
     _per_device: dict = field(default_factory=dict, repr=False)
 
-    def record(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
+    def record(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, **_) -> None:
         if layer_idx not in self.layers:
             return
         dev = query.device
@@ -86,7 +86,7 @@ def _make_wrapper(base: str):
     def vspec_attention(module, query, key, value, attention_mask, **kwargs):
         cap = _ARMED.get()
         if cap is not None:
-            cap.record(module.layer_idx, query, key)
+            cap.record(module.layer_idx, query, key, value=value, module=module)
         fn = _eager_function_of(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
         return fn(module, query, key, value, attention_mask, **kwargs)
 
