@@ -52,10 +52,12 @@ QUANTILES = (0.3, 0.5, 0.6, 0.7, 0.8)  # relevance quantiles tried as thresholds
 DETECTOR_COLOURS = {"none": "grey", "token_ids": "black", "hidden": "tab:blue", "attention": "tab:orange",
                     "grounded": "tab:green", "attribution": "tab:red"}
 # Filler rules. A label's "{}" is the op's own default rule (ops.LOOSE_RULE_DEFAULTS: top-3, p >= 0.3, entropy gate
-# 0.3), named explicitly since LooseConfig's defaults are the wide rule chosen on validation clips.
+# 0.3), named explicitly so that the labels keep their meaning whatever LooseConfig's defaults are.
 OP_RULE = {k: LOOSE_RULE_DEFAULTS[k] for k in ("top_k", "min_prob_ratio", "shift", "entropy_gate")}
 WIDE = dict(top_k=5, min_prob_ratio=0.1, entropy_gate=0.0)  # a filler rule loose enough to cost task score alone
 NARROW = dict(top_k=2, min_prob_ratio=0.5, shift=0)
+THRESHOLD_DETECTORS = ("hidden", "attention", "grounded", "attribution")  # run at relevance thresholds
+WIDE_RULE_DETECTORS = ("grounded", "attribution")  # also run with the WIDE rule
 METHODS = ("semantic", "attention", "uniform", "random")
 SWEEP_TEMPORAL = (0.0, 0.25, 0.5, 1.0, 2.0)
 SWEEP_SPATIAL = (0.0, 0.25)
@@ -304,7 +306,7 @@ def main(argv=None) -> int:
                                                                   **{**OP_RULE, **rule}))
             for (det, extra_items), qs in thresholds.items():
                 extra = dict(extra_items)
-                for rule in [dict()] + [WIDE] * (det in ("grounded", "attribution")):
+                for rule in [dict()] + [WIDE] * (det in WIDE_RULE_DETECTORS):
                     name = f"loose {det} {extra}" + (f" {rule}" if rule else "")
                     ths = qs
                     if chosen is not None:
@@ -378,7 +380,7 @@ def _read_choices(path: Path, min_score_rel: float) -> dict:
     groups: dict[tuple, list[dict]] = {}
     with open(path, newline="") as f:
         for r in csv.DictReader(f):
-            if (r["section"] != "loose" or r["detector"] not in ("hidden", "attention", "grounded", "attribution")
+            if (r["section"] != "loose" or r["detector"] not in THRESHOLD_DETECTORS
                     or " th=" not in r["label"]):
                 continue
             groups.setdefault((int(r["draft_len"]), r["label"].rsplit(" th=", 1)[0]), []).append(r)

@@ -251,7 +251,7 @@ class GroundedDetector(AttentionDetector):
     query; this one scores the decision that produced it. The max over heads is what separates: one head that
     locates the square is diluted by the others in a head mean (the 4-layer demo pair of 2026-12-02, validation clips,
     last two layers: ROC AUC 0.913 / 0.908 with the max against 0.897 / 0.894 with the mean, divergent / skewed
-    setting; on the 6-layer pair that replaced it the max reaches 0.83-0.89, and ``attribution`` 0.88-0.92). Cost per
+    setting; on the 6-layer pair that replaced it, test clips: 0.81-0.89, and ``attribution`` 0.88-0.91). Cost per
     scored layer: one ``[γ, S]`` score block per query head (a matmul with the layer's keys, a softmax, a gather of
     the visual columns), and one softmax over the vocabulary per draft token.
     """
@@ -263,14 +263,18 @@ class GroundedDetector(AttentionDetector):
         self.layers = frozenset(_layer_index(i, n_layers) for i in chosen)
         self._logits: torch.Tensor | None = None
 
-    def record(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, **_) -> None:
+    def record(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value=None, module=None, **_) -> None:
         """Called by the capture wrapper for every text layer of the verification forward."""
         if layer_idx not in self.layers:
             return
         self._seen += 1
         if self.visual_idx.shape[1] == 0:  # no row has visual tokens: every row is strict anyway
             return
-        look = self._visual_probs(query, key).amax(dim=3).amax(dim=1)  # [B, γ]
+        self._add(layer_idx, self._visual_probs(query, key), query, value, module)
+
+    def _add(self, layer_idx: int, vis: torch.Tensor, query, value, module) -> None:
+        """Fold one scored layer's visual attention probabilities ``vis [B, Hq, γ, Nv]`` into the relevance."""
+        look = vis.amax(dim=3).amax(dim=1)  # [B, γ]
         self.mass = torch.maximum(self.mass, look.to(self.mass.device))
 
     def _visual_probs(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -368,13 +372,7 @@ class AttributionDetector(GroundedDetector):
         self._x: torch.Tensor | None = None
         self._gates: dict[int, torch.Tensor] = {}
 
-    def record(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value=None, module=None, **_) -> None:
-        if layer_idx not in self.layers:
-            return
-        self._seen += 1
-        if self.visual_idx.shape[1] == 0:
-            return
-        vis = self._visual_probs(query, key)  # [B, Hq, γ, Nv]
+    def _add(self, layer_idx: int, vis: torch.Tensor, query, value, module) -> None:
         B, Hq, gamma, Nv = vis.shape
         Hkv, D = value.shape[1], value.shape[3]
         idx = self.visual_idx.to(value.device).clamp_min(0)[:, None, :, None].expand(B, Hkv, Nv, D)
@@ -386,7 +384,7 @@ class AttributionDetector(GroundedDetector):
             heads = heads * torch.sigmoid(gate.float()).reshape(B, gamma, Hq * D)
         proj = module.o_proj
         c = proj(heads.to(proj.weight.dtype)).float()
-        self.contrib = c.to(self.contrib.device) + self.contrib
+        self.contrib += c.to(self.contrib.device)
 
     @contextlib.contextmanager
     def verify(self, drafts, state):
